@@ -1,0 +1,84 @@
+//! `im-server`: parses arguments, sets up tracing and metrics, binds, and
+//! calls [`im_server::run`]. Everything else lives in the library.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use im_server::{Config, Profile, RedisLink};
+use redis::IntoConnectionInfo;
+
+/// The imsim IM WebSocket server (endpoint: ws://ADDR/ws).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Redis URL (redis://host:port/db).
+    #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+    redis: String,
+    /// Behaviour: phase1, phase2, phase3 (the seed's history).
+    #[arg(long, default_value = "phase3")]
+    profile: Profile,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Prefix for every Redis key.
+    #[arg(long, default_value = "")]
+    key_prefix: String,
+    /// This node's name in logs.
+    #[arg(long, default_value = "node1")]
+    node: String,
+    /// Maximum concurrent connections.
+    #[arg(long, default_value_t = im_server::Limits::default().connections_max)]
+    max_connections: usize,
+    /// Close a connection silent for this long (e.g. 60s).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    idle_timeout: Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+
+    let info = args
+        .redis
+        .as_str()
+        .into_connection_info()
+        .with_context(|| format!("bad --redis URL {:?}", args.redis))?;
+    let addr = match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        other => anyhow::bail!("only redis:// over TCP is supported, not {other:?}"),
+    };
+    let mut config = Config::new(args.profile);
+    config.key_prefix = args.key_prefix;
+    config.node = args.node;
+    config.limits.connections_max = args.max_connections;
+    config.limits.read_idle_timeout = args.idle_timeout;
+    let redis = RedisLink::new(
+        im_server::tcp_connector(addr),
+        info.redis_settings().clone(),
+        config.limits.redis_timeout,
+    );
+    if let Some(addr) = args.metrics {
+        im_server::metrics::install_prometheus(addr).context("starting the metrics endpoint")?;
+        tracing::info!(%addr, "metrics at /metrics");
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening on /ws");
+    im_server::run(listener, redis, config, async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("Ctrl-C: shutting down gracefully");
+    })
+    .await;
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! Local connections on this node, and the handle to one of them.
+//!
+//! The seed keyed its map by user id (`localConnections[userID]`), and so
+//! do the phase profiles: a login replaces the user's entry and a removal
+//! deletes whatever entry the user has, even one that belongs to a newer
+//! connection. That is the bug surface the simulation exercises.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use im_proto::{ConnId, UserId};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+/// Why a frame could not be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    #[error("outbound queue full")]
+    QueueFull,
+    #[error("connection closed")]
+    Closed,
+    #[error("write timed out")]
+    Timeout,
+    #[error("socket write failed")]
+    Socket,
+}
+
+/// One frame for the writer task, with an optional report of the outcome.
+pub(crate) struct Outbound {
+    pub msg: Message,
+    pub done: Option<oneshot::Sender<Result<(), WriteError>>>,
+}
+
+/// How a connection is to be closed from outside its session.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Closing {
+    /// Send this close frame, then end.
+    Frame(CloseFrame),
+    /// Drop the socket without a close handshake (Go's `conn.Close()`).
+    Drop,
+}
+
+/// A cheap, cloneable reference to one live connection.
+#[derive(Clone, Debug)]
+pub struct ConnHandle {
+    pub conn_id: ConnId,
+    pub user: UserId,
+    outbound: mpsc::Sender<Outbound>,
+    closing: Arc<watch::Sender<Option<Closing>>>,
+    write_timeout: Duration,
+}
+
+impl ConnHandle {
+    pub(crate) fn new(
+        conn_id: ConnId,
+        user: UserId,
+        outbound: mpsc::Sender<Outbound>,
+        closing: Arc<watch::Sender<Option<Closing>>>,
+        write_timeout: Duration,
+    ) -> ConnHandle {
+        ConnHandle {
+            conn_id,
+            user,
+            outbound,
+            closing,
+            write_timeout,
+        }
+    }
+
+    /// The same connection, now bound to `user` (after login).
+    pub(crate) fn for_user(mut self, user: UserId) -> ConnHandle {
+        self.user = user;
+        self
+    }
+
+    /// Queues a frame and waits until the writer has written it to the
+    /// socket (or failed to), as the seed's synchronous `WriteMessage`.
+    pub async fn write(&self, msg: Message) -> Result<(), WriteError> {
+        let (done, outcome) = oneshot::channel();
+        self.enqueue(Outbound {
+            msg,
+            done: Some(done),
+        })?;
+        match tokio::time::timeout(self.write_timeout, outcome).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(WriteError::Closed),
+            Err(_) => Err(WriteError::Timeout),
+        }
+    }
+
+    /// Queues a frame without waiting for it to be written.
+    pub fn write_nowait(&self, msg: Message) -> Result<(), WriteError> {
+        self.enqueue(Outbound { msg, done: None })
+    }
+
+    fn enqueue(&self, out: Outbound) -> Result<(), WriteError> {
+        self.outbound.try_send(out).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => WriteError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => WriteError::Closed,
+        })
+    }
+
+    /// Asks the connection's session to close. The first request wins.
+    pub fn close(&self, how: Closing) {
+        self.closing.send_if_modified(|c| {
+            if c.is_none() {
+                *c = Some(how);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// The local map of live connections, keyed by user id as the seed's.
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_user: Mutex<BTreeMap<UserId, ConnHandle>>,
+}
+
+impl Registry {
+    /// Registers `handle` as its user's connection, returning the one it
+    /// replaced (which stays open: the seed never closed it).
+    pub fn insert(&self, handle: ConnHandle) -> Option<ConnHandle> {
+        self.lock().insert(handle.user, handle)
+    }
+
+    pub fn get(&self, user: UserId) -> Option<ConnHandle> {
+        self.lock().get(&user).cloned()
+    }
+
+    /// Deletes the user's entry, whichever connection it holds.
+    pub fn remove_user(&self, user: UserId) -> Option<ConnHandle> {
+        self.lock().remove(&user)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every registered handle, in user order.
+    pub fn handles(&self) -> Vec<ConnHandle> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<UserId, ConnHandle>> {
+        // A panic while holding this lock is a bug; keep serving regardless.
+        self.by_user.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,363 @@
+//! One connection: WebSocket handshake, login, the read loop, and a single
+//! writer task that owns the socket's write half (no concurrent writes).
+//!
+//! The read loop is the connection's life: when it ends, for whatever
+//! cause, the profile's disconnect cleanup runs once.
+
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use im_proto::pb::{self, ErrorCode};
+use im_proto::{Body, ConnId, DecodeError, UserId, msg};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::Instrument;
+
+use crate::listener::Stream;
+use crate::registry::{Closing, ConnHandle, Outbound, WriteError};
+use crate::{Shared, metrics};
+
+/// Why a connection ended, for logs and the simulation's history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndCause {
+    ClientClosed,
+    ConnectionLost(String),
+    IdleTimeout,
+    WriteFailed,
+    Kicked,
+    Shutdown,
+    Refused(CloseCode, String),
+}
+
+/// Serves one accepted stream until it closes.
+pub(crate) async fn serve<S: Stream>(shared: Arc<Shared>, stream: S, peer: String) {
+    let limits = shared.config.limits;
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(limits.read_buffer_bytes)
+        .write_buffer_size(0)
+        .max_write_buffer_size(limits.frame_bytes_max.max(limits.message_bytes_max) * 4)
+        .max_frame_size(Some(limits.frame_bytes_max))
+        .max_message_size(Some(limits.message_bytes_max));
+    let handshake =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config));
+    let ws = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "websocket handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "websocket handshake timed out");
+            return;
+        }
+    };
+    let Ok(_permit) = shared.connection_slots.clone().try_acquire_owned() else {
+        tracing::warn!(%peer, max = limits.connections_max, "connection limit reached");
+        let mut ws = ws;
+        let frame = close_frame(CloseCode::Again, "connection limit reached");
+        let _ = tokio::time::timeout(limits.write_timeout, ws.close(Some(frame))).await;
+        return;
+    };
+    let conn_id = ConnId(
+        shared
+            .next_conn_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+    );
+    let span = tracing::info_span!("conn", node = %shared.config.node, conn_id = conn_id.0, user_id = tracing::field::Empty);
+    metrics::connection_opened();
+    Session::run(shared, ws, conn_id, peer)
+        .instrument(span)
+        .await;
+    metrics::connection_closed();
+}
+
+/// Rejects handshakes for any path but `/ws`.
+#[allow(clippy::result_large_err)] // the signature is tungstenite's Callback
+fn check_path(req: &Request, resp: Response) -> Result<Response, ErrorResponse> {
+    if req.uri().path() == im_proto::WS_PATH {
+        Ok(resp)
+    } else {
+        let mut err = ErrorResponse::new(Some(format!("no endpoint at {}", req.uri().path())));
+        *err.status_mut() = StatusCode::NOT_FOUND;
+        Err(err)
+    }
+}
+
+fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
+    CloseFrame {
+        code,
+        reason: reason.into(),
+    }
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    conn_id: ConnId,
+    handle: ConnHandle,
+    user: Option<UserId>,
+}
+
+/// What the read loop decided after one frame.
+enum Step {
+    Continue,
+    End(EndCause),
+}
+
+impl Session {
+    async fn run<S: Stream>(
+        shared: Arc<Shared>,
+        ws: WebSocketStream<S>,
+        conn_id: ConnId,
+        peer: String,
+    ) {
+        let limits = shared.config.limits;
+        let (sink, mut stream) = ws.split();
+        let (out_tx, out_rx) = mpsc::channel(limits.outbound_queue_max);
+        let (closing_tx, closing_rx) = watch::channel(None);
+        let closing_tx = Arc::new(closing_tx);
+        let mut writer = tokio::spawn(
+            writer(sink, out_rx, closing_rx.clone(), limits.write_timeout).in_current_span(),
+        );
+        let handle = ConnHandle::new(conn_id, UserId(0), out_tx, closing_tx, limits.write_timeout);
+        let mut session = Session {
+            shared: shared.clone(),
+            conn_id,
+            handle,
+            user: None,
+        };
+        tracing::info!(%peer, "connection opened");
+
+        let mut closing = closing_rx;
+        let mut shutdown = shared.shutdown.clone();
+        let cause = loop {
+            let idle = if session.user.is_some() {
+                limits.read_idle_timeout
+            } else {
+                limits.login_timeout
+            };
+            let frame = tokio::select! {
+                biased;
+                _ = closing.changed() => break EndCause::Kicked,
+                _ = shutdown.changed() => {
+                    session.handle.close(Closing::Frame(close_frame(CloseCode::Away, "server shutting down")));
+                    break EndCause::Shutdown;
+                }
+                _ = &mut writer => break EndCause::WriteFailed,
+                frame = tokio::time::timeout(idle, stream.next()) => frame,
+            };
+            let step = match frame {
+                Err(_) if session.user.is_none() => session.refuse(
+                    CloseCode::Policy,
+                    ErrorCode::NotLoggedIn,
+                    "no login within the login timeout",
+                ),
+                Err(_) => {
+                    session
+                        .handle
+                        .close(Closing::Frame(close_frame(CloseCode::Away, "idle timeout")));
+                    Step::End(EndCause::IdleTimeout)
+                }
+                Ok(None) => Step::End(EndCause::ConnectionLost("stream ended".into())),
+                Ok(Some(Ok(message))) => session.on_message(message).await,
+                Ok(Some(Err(e))) => session.on_read_error(e),
+            };
+            if let Step::End(cause) = step {
+                break cause;
+            }
+        };
+        tracing::info!(?cause, "connection ended");
+        // Make sure the writer ends (it flushes a queued close frame first).
+        session.handle.close(Closing::Drop);
+        if tokio::time::timeout(limits.write_timeout, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+        if let Some(user) = session.user {
+            session.shared.remove_websocket_connection(user).await;
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) -> Step {
+        match message {
+            Message::Binary(payload) => match im_proto::decode(&payload) {
+                Ok(body) => self.on_body(body).await,
+                Err(DecodeError::Protobuf(e)) => self.refuse(
+                    CloseCode::Invalid,
+                    ErrorCode::Protocol,
+                    &format!("undecodable protobuf: {e}"),
+                ),
+                Err(DecodeError::NoBody) => self.refuse(
+                    CloseCode::Protocol,
+                    ErrorCode::Protocol,
+                    "envelope has no body",
+                ),
+            },
+            Message::Text(_) => self.refuse(
+                CloseCode::Unsupported,
+                ErrorCode::Protocol,
+                "text frames are not supported; send binary protobuf",
+            ),
+            // tungstenite answers Pings by itself; Pongs need nothing.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Step::Continue,
+            Message::Close(_) => Step::End(EndCause::ClientClosed),
+        }
+    }
+
+    fn on_read_error(&mut self, e: WsError) -> Step {
+        match e {
+            WsError::Capacity(e) => self.refuse(
+                CloseCode::Size,
+                ErrorCode::Limit,
+                &format!("too large: {e}"),
+            ),
+            WsError::Protocol(e) => self.refuse(
+                CloseCode::Protocol,
+                ErrorCode::Protocol,
+                &format!("protocol: {e}"),
+            ),
+            WsError::Utf8(e) => self.refuse(
+                CloseCode::Invalid,
+                ErrorCode::Protocol,
+                &format!("utf-8: {e}"),
+            ),
+            e => Step::End(EndCause::ConnectionLost(e.to_string())),
+        }
+    }
+
+    /// Tells the client why, then closes with `code`.
+    fn refuse(&mut self, code: CloseCode, error: ErrorCode, detail: &str) -> Step {
+        tracing::warn!(?code, detail, "refusing client input");
+        let _ = self.handle.write_nowait(frame(msg::error(error, detail)));
+        self.handle.close(Closing::Frame(close_frame(code, detail)));
+        Step::End(EndCause::Refused(code, detail.to_owned()))
+    }
+
+    async fn on_body(&mut self, body: Body) -> Step {
+        match (self.user, body) {
+            (None, Body::Login(login)) => self.login(login).await,
+            (Some(_), Body::Login(_)) => {
+                self.refuse(CloseCode::Policy, ErrorCode::Protocol, "already logged in")
+            }
+            (None, _) => self.refuse(CloseCode::Policy, ErrorCode::NotLoggedIn, "log in first"),
+            (Some(from), Body::Send(send)) => {
+                self.send(from, send).await;
+                Step::Continue
+            }
+            // The seed's system had no acks or heartbeats.
+            (Some(_), Body::Ack(_) | Body::Heartbeat(_)) => Step::Continue,
+            (
+                Some(_),
+                Body::LoginOk(_) | Body::SendResult(_) | Body::Deliver(_) | Body::Error(_),
+            ) => self.refuse(
+                CloseCode::Protocol,
+                ErrorCode::Protocol,
+                "server-to-client message sent by a client",
+            ),
+        }
+    }
+
+    async fn login(&mut self, login: pb::Login) -> Step {
+        if login.user_id == 0 {
+            return self.refuse(
+                CloseCode::Policy,
+                ErrorCode::Unauthorized,
+                "user id 0 is not a user",
+            );
+        }
+        let user = UserId(login.user_id);
+        tracing::Span::current().record("user_id", user.0);
+        self.user = Some(user);
+        self.handle = self.handle.clone().for_user(user);
+        self.shared
+            .add_websocket_connection(self.handle.clone())
+            .await;
+        let ok = Body::LoginOk(pb::LoginOk {
+            conn_id: self.conn_id.0,
+            user_id: user.0,
+            ..Default::default()
+        });
+        let _ = self.handle.write_nowait(frame(ok));
+        Step::Continue
+    }
+
+    async fn send(&mut self, from: UserId, send: pb::Send) {
+        let id = send.client_msg_id;
+        let reply = if send.to_user_id == 0 {
+            msg::rejected(id, "unknown recipient 0")
+        } else {
+            let deliver = Body::Deliver(pb::Deliver {
+                from_user_id: from.0,
+                text: send.text,
+                client_msg_id: id,
+                seq: 0,
+            });
+            match self
+                .shared
+                .push(UserId(send.to_user_id), frame(deliver))
+                .await
+            {
+                Ok(()) => msg::accepted(id, 0),
+                Err(reason) => msg::rejected(id, reason),
+            }
+        };
+        if let Err(e) = self.handle.write_nowait(frame(reply)) {
+            tracing::warn!(error = %e, "could not queue the send result for the sender");
+        }
+    }
+}
+
+/// A Binary frame holding one envelope.
+pub(crate) fn frame(body: Body) -> Message {
+    Message::Binary(im_proto::encode(body))
+}
+
+/// The only task that writes to the socket.
+async fn writer<S: Stream>(
+    mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+    mut queue: mpsc::Receiver<Outbound>,
+    mut closing: watch::Receiver<Option<Closing>>,
+    write_timeout: std::time::Duration,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            Some(out) = queue.recv() => {
+                let result = match tokio::time::timeout(write_timeout, sink.send(out.msg)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "socket write failed");
+                        Err(WriteError::Socket)
+                    }
+                    Err(_) => Err(WriteError::Timeout),
+                };
+                let failed = result.is_err();
+                if let Some(done) = out.done {
+                    let _ = done.send(result);
+                }
+                if failed {
+                    return;
+                }
+            }
+            _ = closing.changed() => {
+                let how = closing.borrow_and_update().clone();
+                let _ = tokio::time::timeout(write_timeout, async {
+                    match how {
+                        Some(Closing::Frame(f)) => sink.send(Message::Close(Some(f))).await,
+                        // Only what tungstenite queued by itself (the reply
+                        // to a client's close frame, a pong) goes out.
+                        _ => sink.flush().await,
+                    }
+                })
+                .await;
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Live tests: the real server on real loopback sockets with a real
+//! `redis-server` (started per test binary on a free port, or `REDIS_URL`).
+//!
+//! Modules:
+//! - `support`: start a server node, connect clients, wait for events.
+//! - `seed_checklist`: the post-mortem's success criteria against phase 3,
+//!   and phase 1's known bug.
+//! - `bad_input`: every kind of malformed input gets its error or close
+//!   code, and other connections are not hurt.
+
+mod bad_input;
+mod seed_checklist;
+mod support;
