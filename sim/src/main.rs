@@ -1,1 +1,175 @@
-fn main() {}
+//! `im-sim`: plays scenario files in the simulation and judges them.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use im_server::Profile;
+use im_sim::{RunOptions, Scenario, run_scenario};
+
+/// imsim's deterministic simulation harness.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs scenario files (or every *.toml under given directories).
+    Run {
+        /// Files or directories; default: scenarios/.
+        paths: Vec<PathBuf>,
+        /// Replaces every scenario's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Replaces the server profile; the story must then hold every invariant.
+        #[arg(long)]
+        profile: Option<Profile>,
+        /// Prints each run's server and client logs (simulated time).
+        #[arg(long)]
+        trace: bool,
+        /// Prints each run's full report, not only for failures.
+        #[arg(long)]
+        report: bool,
+    },
+}
+
+/// Exit code for input that could not be read as scenarios.
+const EXIT_BAD_INPUT: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            paths,
+            seed,
+            profile,
+            trace,
+            report,
+        } => run(paths, seed, profile, trace, report),
+    }
+}
+
+fn run(paths: Vec<PathBuf>, seed: Option<u64>, profile: Option<Profile>, trace: bool, report: bool) -> ExitCode {
+    match seed {
+        Some(s) => println!("seed: {s}"),
+        None => println!("seed: from each scenario file (--seed N overrides)"),
+    }
+    let paths = if paths.is_empty() { vec![PathBuf::from("scenarios")] } else { paths };
+    let files = match collect(&paths) {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    // Read everything first: a malformed file stops the run before any
+    // scenario is played.
+    let mut scenarios = Vec::new();
+    let mut bad = 0;
+    for file in &files {
+        match Scenario::load(file) {
+            Ok(s) => scenarios.push((file.clone(), s)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                bad += 1;
+            }
+        }
+    }
+    if bad > 0 {
+        eprintln!("{bad} scenario file(s) could not be read; nothing was run");
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
+    if scenarios.is_empty() {
+        eprintln!("error: no scenario files under {paths:?}");
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
+    let options = RunOptions { seed, profile };
+    let (mut passed, mut failed) = (0, 0);
+    for (file, scenario) in &scenarios {
+        let wall = std::time::Instant::now();
+        let outcome = match run_scenario(scenario, options) {
+            Ok(o) => o,
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {}  error: {e}", scenario.name);
+                continue;
+            }
+        };
+        let wall = wall.elapsed();
+        let violated = outcome.violated();
+        let names = |v: &std::collections::BTreeSet<im_sim::Invariant>| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.iter().map(|i| i.name()).collect::<Vec<_>>().join(",")
+            }
+        };
+        let verdict = if outcome.passed() { "PASS" } else { "FAIL" };
+        println!(
+            "{verdict} {}  ({}, seed {}, {:.1}s simulated in {:.2}s)  violated: {}  expected: {}",
+            scenario.name,
+            outcome.profile,
+            outcome.seed,
+            outcome.run.elapsed.as_secs_f64(),
+            wall.as_secs_f64(),
+            names(&violated),
+            names(&outcome.expected),
+        );
+        if trace {
+            print!("{}", outcome.trace);
+        }
+        if outcome.passed() {
+            passed += 1;
+            if report {
+                println!("{}", outcome.report());
+            }
+        } else {
+            failed += 1;
+            println!("{}", outcome.report());
+            println!(
+                "replay: im-sim run {} --seed {} --profile {}",
+                file.display(),
+                outcome.seed,
+                outcome.profile
+            );
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// Files as given; directories expanded to their *.toml files, sorted.
+fn collect(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found = Vec::new();
+            walk(p, &mut found)?;
+            found.sort();
+            files.extend(found);
+        } else if p.exists() {
+            files.push(p.clone());
+        } else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{}: no such file or directory", p.display()),
+            ));
+        }
+    }
+    Ok(files)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            walk(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}

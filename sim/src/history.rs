@@ -1,0 +1,99 @@
+//! The recorded events of one run, in simulated time.
+//!
+//! Everything a checker may use is here: what clients did and saw, what
+//! the simulated Redis executed, and which faults the driver injected.
+//! Checkers never look inside the server.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A message, named end to end: the sender and its client-chosen id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MsgKey {
+    pub from: u64,
+    pub id: u64,
+}
+
+impl fmt::Display for MsgKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.from, self.id)
+    }
+}
+
+/// One thing that happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A client connected and logged in (`conn` is the server's id).
+    Connected { user: u64, node: u64, conn: u64 },
+    /// A client could not connect or log in.
+    ConnectFailed { user: u64, node: u64, error: String },
+    /// A client's connection ended, as the client saw it.
+    Closed { user: u64, conn: u64, cause: String },
+    /// A client handed a message to its connection (`probe`: sent by the
+    /// liveness phase, not by the story).
+    Sent { key: MsgKey, to: u64, text: String, probe: bool },
+    /// A client could not even hand a message over (not connected).
+    SendFailed { key: MsgKey, to: u64, reason: String, probe: bool },
+    /// The server's answer to a sender.
+    SendResult { key: MsgKey, accepted: bool, reason: String },
+    /// A recipient's client received a message.
+    Delivered { to: u64, conn: u64, key: MsgKey, text: String },
+    /// The server sent an Error envelope to a client.
+    ServerError { user: u64, code: i32, detail: String },
+    /// The simulated Redis executed a write to presence.
+    PresenceWrite { command: String },
+    /// The driver injected (or healed) a fault.
+    Fault { what: String },
+    /// A phase of the run began (story, heal, liveness, end).
+    Phase { name: String },
+}
+
+/// An event with its simulated time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub at: Duration,
+    pub event: Event,
+}
+
+/// The whole run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct History {
+    pub records: Vec<Record>,
+}
+
+impl History {
+    pub fn push(&mut self, at: Duration, event: Event) {
+        self.records.push(Record { at, event });
+    }
+
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        self.records.iter().map(|r| &r.event)
+    }
+}
+
+/// `12.345s`: simulated milliseconds, fixed width for tables.
+pub fn fmt_time(at: Duration) -> String {
+    format!("{}.{:03}s", at.as_secs(), at.subsec_millis())
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Connected { user, node, conn } => write!(f, "user{user} connected to node{node} (conn {conn})"),
+            Event::ConnectFailed { user, node, error } => write!(f, "user{user} could not connect to node{node}: {error}"),
+            Event::Closed { user, conn, cause } => write!(f, "user{user} conn {conn} closed: {cause}"),
+            Event::Sent { key, to, text, probe } => {
+                let p = if *probe { " (probe)" } else { "" };
+                write!(f, "user{} sends {key} to {to}: {text:?}{p}", key.from)
+            }
+            Event::SendFailed { key, to, reason, .. } => write!(f, "user{} cannot send {key} to {to}: {reason}", key.from),
+            Event::SendResult { key, accepted: true, .. } => write!(f, "user{} told {key} sent", key.from),
+            Event::SendResult { key, accepted: false, reason } => write!(f, "user{} told {key} refused: {reason}", key.from),
+            Event::Delivered { to, conn, key, text } => write!(f, "user{to} (conn {conn}) received {key}: {text:?}"),
+            Event::ServerError { user, code, detail } => write!(f, "user{user} got server error {code}: {detail}"),
+            Event::PresenceWrite { command } => write!(f, "redis: {command}"),
+            Event::Fault { what } => write!(f, "fault: {what}"),
+            Event::Phase { name } => write!(f, "-- {name} --"),
+        }
+    }
+}

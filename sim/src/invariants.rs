@@ -1,0 +1,231 @@
+//! Checkers: each reads the recorded [`History`] and Redis's final state,
+//! never the server's internals, and returns a [`Verdict`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::history::{Event, History, MsgKey};
+use crate::world::RunResult;
+
+/// The properties every run is judged by.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Invariant {
+    /// Every delivered message was sent, to that recipient; none arrives
+    /// twice; messages between one pair arrive in the order sent.
+    Delivery,
+    /// No sender is told "sent" for a message that never arrived.
+    NoFalseSuccess,
+    /// At quiescence, the users online in Redis are exactly the users with
+    /// a live connection.
+    Presence,
+    /// After faults heal, every pair of users the story leaves online can
+    /// talk both ways (the seed's own criterion).
+    Liveness,
+}
+
+impl Invariant {
+    pub const ALL: [Invariant; 4] = [
+        Invariant::Delivery,
+        Invariant::NoFalseSuccess,
+        Invariant::Presence,
+        Invariant::Liveness,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Invariant::Delivery => "delivery",
+            Invariant::NoFalseSuccess => "no_false_success",
+            Invariant::Presence => "presence",
+            Invariant::Liveness => "liveness",
+        }
+    }
+}
+
+impl fmt::Display for Invariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One invariant's result, with the evidence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub invariant: Invariant,
+    pub problems: Vec<String>,
+}
+
+impl Verdict {
+    pub fn holds(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// What the history says about each message.
+#[derive(Clone, Debug, Default)]
+pub struct MessageFate {
+    pub key: Option<MsgKey>,
+    pub to: u64,
+    pub text: String,
+    pub probe: bool,
+    pub sent_at: Option<std::time::Duration>,
+    /// Could not be handed to a connection at all.
+    pub send_failed: Option<String>,
+    /// The server's answer: Some(true) accepted, Some(false) refused.
+    pub accepted: Option<bool>,
+    pub reason: String,
+    pub deliveries: Vec<std::time::Duration>,
+}
+
+/// Every message the story or the probes sent, in key order.
+pub fn fates(history: &History) -> BTreeMap<MsgKey, MessageFate> {
+    let mut fates = BTreeMap::<MsgKey, MessageFate>::new();
+    for r in &history.records {
+        match &r.event {
+            Event::Sent { key, to, text, probe } => {
+                let f = fates.entry(*key).or_default();
+                f.key = Some(*key);
+                f.to = *to;
+                f.text = text.clone();
+                f.probe = *probe;
+                f.sent_at = Some(r.at);
+            }
+            Event::SendFailed { key, to, reason, probe } => {
+                let f = fates.entry(*key).or_default();
+                f.key = Some(*key);
+                f.to = *to;
+                f.probe = *probe;
+                f.sent_at.get_or_insert(r.at);
+                f.send_failed = Some(reason.clone());
+            }
+            Event::SendResult { key, accepted, reason } => {
+                let f = fates.entry(*key).or_default();
+                f.accepted = Some(*accepted);
+                f.reason = reason.clone();
+            }
+            Event::Delivered { key, .. } => {
+                fates.entry(*key).or_default().deliveries.push(r.at);
+            }
+            _ => {}
+        }
+    }
+    fates
+}
+
+/// Runs every checker.
+pub fn check(run: &RunResult) -> Vec<Verdict> {
+    vec![
+        delivery(&run.history),
+        no_false_success(&run.history),
+        presence(run),
+        liveness(run),
+    ]
+}
+
+fn delivery(history: &History) -> Verdict {
+    let mut problems = Vec::new();
+    let sent: BTreeMap<MsgKey, u64> = history
+        .events()
+        .filter_map(|e| match e {
+            Event::Sent { key, to, .. } => Some((*key, *to)),
+            _ => None,
+        })
+        .collect();
+    let mut seen = BTreeSet::new();
+    let mut last_per_pair = BTreeMap::<(u64, u64), u64>::new();
+    for e in history.events() {
+        let Event::Delivered { to, key, .. } = e else { continue };
+        match sent.get(key) {
+            None => problems.push(format!("{key} delivered to {to} but never sent")),
+            Some(dest) if dest != to => problems.push(format!("{key} for {dest} delivered to {to}")),
+            Some(_) => {}
+        }
+        if !seen.insert((*key, *to)) {
+            problems.push(format!("{key} delivered to {to} more than once"));
+        }
+        let last = last_per_pair.entry((key.from, *to)).or_insert(0);
+        if key.id < *last {
+            problems.push(format!("{key} delivered to {to} after #{} (out of order)", *last));
+        }
+        *last = (*last).max(key.id);
+    }
+    Verdict {
+        invariant: Invariant::Delivery,
+        problems,
+    }
+}
+
+fn no_false_success(history: &History) -> Verdict {
+    let problems = fates(history)
+        .into_iter()
+        .filter(|(_, f)| !f.probe && f.accepted == Some(true) && f.deliveries.is_empty())
+        .map(|(k, f)| format!("{k} to {} told sent, never delivered", f.to))
+        .collect();
+    Verdict {
+        invariant: Invariant::NoFalseSuccess,
+        problems,
+    }
+}
+
+/// Users whose latest connection is still open, as their clients see it.
+pub fn live_users(history: &History) -> BTreeSet<u64> {
+    let mut live = BTreeMap::<u64, u64>::new();
+    for e in history.events() {
+        match e {
+            Event::Connected { user, conn, .. } => {
+                live.insert(*user, *conn);
+            }
+            Event::Closed { user, conn, .. } if live.get(user) == Some(conn) => {
+                live.remove(user);
+            }
+            _ => {}
+        }
+    }
+    live.into_keys().collect()
+}
+
+fn presence(run: &RunResult) -> Verdict {
+    let mut problems = Vec::new();
+    match &run.redis_online {
+        None => problems.push("Redis was down at quiescence; presence unknown".into()),
+        Some(online) => {
+            let live = live_users(&run.history);
+            for u in online.difference(&live) {
+                problems.push(format!("{u} online in Redis without a live connection"));
+            }
+            for u in live.difference(online) {
+                problems.push(format!("{u} has a live connection but is offline in Redis"));
+            }
+        }
+    }
+    Verdict {
+        invariant: Invariant::Presence,
+        problems,
+    }
+}
+
+fn liveness(run: &RunResult) -> Verdict {
+    let mut problems = Vec::new();
+    let live = live_users(&run.history);
+    for u in run.intended_online.difference(&live) {
+        problems.push(format!("{u} should be online but has no connection"));
+    }
+    for (k, f) in fates(&run.history).into_iter().filter(|(_, f)| f.probe) {
+        let outcome = match (&f.send_failed, f.accepted, f.deliveries.is_empty()) {
+            (Some(why), _, _) => Some(format!("could not send: {why}")),
+            (None, None, true) => Some("no answer, not delivered".into()),
+            (None, Some(false), _) => Some(format!("refused: {}", f.reason)),
+            (None, Some(true), true) => Some("told sent, never delivered".into()),
+            _ => None,
+        };
+        if let Some(outcome) = outcome {
+            problems.push(format!("{} -> {}: {outcome}", k.from, f.to));
+        }
+    }
+    Verdict {
+        invariant: Invariant::Liveness,
+        problems,
+    }
+}

@@ -1,0 +1,471 @@
+//! The scenario file format: TOML read with serde, one file per story.
+//!
+//! ```toml
+//! # What this reproduces and how (every file opens with a comment).
+//! server = "phase1"            # server profile: phase1 | phase2 | phase3
+//! client = "compliant"         # default client profile: compliant | legacy
+//! seed = 1                     # turmoil's RNG seed (overridable by --seed)
+//! nodes = 1                    # server nodes: node1, node2, ...
+//! users = { 1002 = "legacy" }  # optional per-user client profile
+//!
+//! [timeouts]                   # all optional; durations as "250ms", "30s", "2m"
+//! idle = "60s"                 # server closes a connection silent this long
+//! tick = "1ms"                 # simulation step
+//! latency = "5ms"              # maximum one-way network latency (minimum 1ms)
+//! connect = "2s"               # client's connect + login deadline
+//! settle = "5s"                # quiet time before the final checks
+//!
+//! [expect]
+//! violated = ["no_false_success"]   # exactly these invariants fail
+//!
+//! [[step]]                     # steps run in order; time moves only by
+//! do = "connect"               # `at` (absolute) or `wait` (relative)
+//! user = 1001
+//! ```
+//!
+//! Steps (`do = ...`): `connect`, `disconnect` (clean close), `vanish`
+//! (silent loss: partition, then the client drops its socket, so its FIN is
+//! lost), `reconnect` (heals a vanish, drops any old socket, connects
+//! anew), `send`, `wait`, `partition`/`heal` (between two hosts),
+//! `crash`/`restart` (a server node), `redis_stop`/`redis_restart`,
+//! `middlebox` (a NAT that silently drops the user's connection once it is
+//! idle longer than `idle`), `stop_reading`/`resume_reading` (a client
+//! whose pongs and pushes pile up).
+//!
+//! Host names: `node1`.., `redis`, `user<ID>` (e.g. `user1001`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use im_client::ClientProfile;
+use im_server::Profile;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::invariants::Invariant;
+
+/// A scenario that failed to load: path, line, and what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}:{line}:{column}: {message}")]
+pub struct ScenarioError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// A simulated duration written as text ("250ms", "30s", "2m").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("bad duration {text:?}: {e} (expected e.g. \"250ms\", \"30s\", \"2m\")")))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    server: Spanned<String>,
+    #[serde(default)]
+    client: Option<Spanned<String>>,
+    #[serde(default)]
+    users: BTreeMap<String, Spanned<String>>,
+    #[serde(default = "one")]
+    seed: u64,
+    #[serde(default = "one")]
+    nodes: u64,
+    #[serde(default)]
+    timeouts: Timeouts,
+    expect: Expect,
+    #[serde(default, rename = "step")]
+    steps: Vec<Spanned<Step>>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// Timing knobs, all in simulated time.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// The server's read idle timeout (the seed's deployment: 60 s).
+    pub idle: Dur,
+    /// One simulation step.
+    pub tick: Dur,
+    /// Maximum one-way network latency.
+    pub latency: Dur,
+    /// A client's connect + handshake + login deadline.
+    pub connect: Dur,
+    /// Quiet time after the last step, after healing, and after the
+    /// liveness probes.
+    pub settle: Dur,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            idle: Dur(Duration::from_secs(60)),
+            tick: Dur(Duration::from_millis(1)),
+            latency: Dur(Duration::from_millis(5)),
+            connect: Dur(Duration::from_secs(2)),
+            settle: Dur(Duration::from_secs(2)),
+        }
+    }
+}
+
+/// What the run must show.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Exactly these invariants are violated; empty means all hold.
+    pub violated: Vec<Invariant>,
+}
+
+/// One step of a story, as written.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "do", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    Connect {
+        user: u64,
+        #[serde(default = "one")]
+        node: u64,
+        at: Option<Dur>,
+    },
+    Disconnect {
+        user: u64,
+        at: Option<Dur>,
+    },
+    Vanish {
+        user: u64,
+        at: Option<Dur>,
+    },
+    Reconnect {
+        user: u64,
+        node: Option<u64>,
+        at: Option<Dur>,
+    },
+    Send {
+        from: u64,
+        to: u64,
+        text: Option<String>,
+        at: Option<Dur>,
+    },
+    Wait {
+        #[serde(rename = "for")]
+        duration: Dur,
+    },
+    Partition {
+        a: String,
+        b: String,
+        at: Option<Dur>,
+    },
+    Heal {
+        a: String,
+        b: String,
+        at: Option<Dur>,
+    },
+    Crash {
+        node: u64,
+        at: Option<Dur>,
+    },
+    Restart {
+        node: u64,
+        at: Option<Dur>,
+    },
+    RedisStop {
+        at: Option<Dur>,
+    },
+    RedisRestart {
+        keep_data: bool,
+        at: Option<Dur>,
+    },
+    Middlebox {
+        user: u64,
+        idle: Dur,
+        at: Option<Dur>,
+    },
+    StopReading {
+        user: u64,
+        at: Option<Dur>,
+    },
+    ResumeReading {
+        user: u64,
+        at: Option<Dur>,
+    },
+}
+
+/// A step with its absolute time resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimedStep {
+    pub at: Duration,
+    pub action: Action,
+}
+
+/// What the driver does (steps with time taken out; `wait` is gone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Connect { user: u64, node: u64 },
+    Disconnect { user: u64 },
+    Vanish { user: u64 },
+    Reconnect { user: u64, node: Option<u64> },
+    Send { from: u64, to: u64, text: Option<String> },
+    Partition { a: String, b: String },
+    Heal { a: String, b: String },
+    Crash { node: u64 },
+    Restart { node: u64 },
+    RedisStop,
+    RedisRestart { keep_data: bool },
+    Middlebox { user: u64, idle: Duration },
+    StopReading { user: u64 },
+    ResumeReading { user: u64 },
+}
+
+/// A loaded, validated scenario.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scenario {
+    pub name: String,
+    pub server: Profile,
+    pub clients: BTreeMap<u64, ClientProfile>,
+    pub seed: u64,
+    pub nodes: u64,
+    pub timeouts: Timeouts,
+    pub expect: Expect,
+    pub steps: Vec<TimedStep>,
+}
+
+impl Scenario {
+    /// Every user the scenario names, in order.
+    pub fn users(&self) -> Vec<u64> {
+        self.clients.keys().copied().collect()
+    }
+
+    /// When the last step happens.
+    pub fn last_step_at(&self) -> Duration {
+        self.steps.last().map(|s| s.at).unwrap_or_default()
+    }
+
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
+            path: path.to_owned(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read: {e}"),
+        })?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Scenario::parse(&name, &text).map_err(|(span, message)| {
+            let (line, column) = line_col(&text, span.start);
+            ScenarioError {
+                path: path.to_owned(),
+                line,
+                column,
+                message,
+            }
+        })
+    }
+
+    /// Parses and validates; an error carries the byte span it is about.
+    pub fn parse(name: &str, text: &str) -> Result<Scenario, (std::ops::Range<usize>, String)> {
+        let file: File = toml::from_str(text).map_err(|e| (e.span().unwrap_or(0..0), e.message().to_owned()))?;
+        let server = file
+            .server
+            .get_ref()
+            .parse::<Profile>()
+            .map_err(|e| (file.server.span(), e.to_string()))?;
+        let default_client = match &file.client {
+            Some(c) => c.get_ref().parse::<ClientProfile>().map_err(|e| (c.span(), e.to_string()))?,
+            None => ClientProfile::Compliant,
+        };
+        if file.nodes == 0 || file.nodes > 8 {
+            return Err((0..0, format!("nodes = {} (expected 1 to 8)", file.nodes)));
+        }
+        let t = file.timeouts;
+        if t.tick.0.is_zero() || t.latency.0 < Duration::from_millis(1) {
+            return Err((0..0, "timeouts.tick must be > 0 and timeouts.latency >= 1ms".into()));
+        }
+
+        let mut clients = BTreeMap::new();
+        let mut steps = Vec::new();
+        let mut now = Duration::ZERO;
+        let mut connected = BTreeMap::<u64, bool>::new();
+        for spanned in &file.steps {
+            let span = spanned.span();
+            let err = |m: String| (span.clone(), m);
+            let step = spanned.get_ref().clone();
+            let at = match &step {
+                Step::Wait { duration } => {
+                    now += duration.0;
+                    continue;
+                }
+                Step::Connect { at, .. }
+                | Step::Disconnect { at, .. }
+                | Step::Vanish { at, .. }
+                | Step::Reconnect { at, .. }
+                | Step::Send { at, .. }
+                | Step::Partition { at, .. }
+                | Step::Heal { at, .. }
+                | Step::Crash { at, .. }
+                | Step::Restart { at, .. }
+                | Step::RedisStop { at }
+                | Step::RedisRestart { at, .. }
+                | Step::Middlebox { at, .. }
+                | Step::StopReading { at, .. }
+                | Step::ResumeReading { at, .. } => *at,
+            };
+            if let Some(Dur(at)) = at {
+                if at < now {
+                    return Err(err(format!(
+                        "at = {} is before the previous step ({}); steps run in order",
+                        humantime::format_duration(at),
+                        humantime::format_duration(now)
+                    )));
+                }
+                now = at;
+            }
+            let node_ok = |node: u64| {
+                if (1..=file.nodes).contains(&node) {
+                    Ok(())
+                } else {
+                    Err(err(format!("node {node} does not exist (nodes = {})", file.nodes)))
+                }
+            };
+            let known = |user: u64, what: &str| {
+                if connected.contains_key(&user) {
+                    Ok(())
+                } else {
+                    Err(err(format!("user {user} never connected before this `{what}` step")))
+                }
+            };
+            let action = match step {
+                Step::Wait { .. } => unreachable!("handled above"),
+                Step::Connect { user, node, .. } => {
+                    if user == 0 {
+                        return Err(err("user 0 is not a user".into()));
+                    }
+                    node_ok(node)?;
+                    if connected.get(&user) == Some(&true) {
+                        return Err(err(format!("user {user} is already connected; use `reconnect`")));
+                    }
+                    connected.insert(user, true);
+                    clients.entry(user).or_insert(default_client);
+                    Action::Connect { user, node }
+                }
+                Step::Disconnect { user, .. } => {
+                    known(user, "disconnect")?;
+                    connected.insert(user, false);
+                    Action::Disconnect { user }
+                }
+                Step::Vanish { user, .. } => {
+                    known(user, "vanish")?;
+                    connected.insert(user, false);
+                    Action::Vanish { user }
+                }
+                Step::Reconnect { user, node, .. } => {
+                    known(user, "reconnect")?;
+                    if let Some(n) = node {
+                        node_ok(n)?;
+                    }
+                    connected.insert(user, true);
+                    Action::Reconnect { user, node }
+                }
+                Step::Send { from, to, text, .. } => {
+                    known(from, "send")?;
+                    Action::Send { from, to, text }
+                }
+                Step::Partition { a, b, .. } => {
+                    host_ok(&a, file.nodes, &connected).map_err(err)?;
+                    host_ok(&b, file.nodes, &connected).map_err(err)?;
+                    Action::Partition { a, b }
+                }
+                Step::Heal { a, b, .. } => {
+                    host_ok(&a, file.nodes, &connected).map_err(err)?;
+                    host_ok(&b, file.nodes, &connected).map_err(err)?;
+                    Action::Heal { a, b }
+                }
+                Step::Crash { node, .. } => {
+                    node_ok(node)?;
+                    Action::Crash { node }
+                }
+                Step::Restart { node, .. } => {
+                    node_ok(node)?;
+                    Action::Restart { node }
+                }
+                Step::RedisStop { .. } => Action::RedisStop,
+                Step::RedisRestart { keep_data, .. } => Action::RedisRestart { keep_data },
+                Step::Middlebox { user, idle, .. } => {
+                    known(user, "middlebox")?;
+                    Action::Middlebox { user, idle: idle.0 }
+                }
+                Step::StopReading { user, .. } => {
+                    known(user, "stop_reading")?;
+                    Action::StopReading { user }
+                }
+                Step::ResumeReading { user, .. } => {
+                    known(user, "resume_reading")?;
+                    Action::ResumeReading { user }
+                }
+            };
+            steps.push(TimedStep { at: now, action });
+        }
+        for (user, profile) in &file.users {
+            let id: u64 = user
+                .parse()
+                .map_err(|_| (profile.span(), format!("users: {user:?} is not a user id")))?;
+            let p = profile
+                .get_ref()
+                .parse::<ClientProfile>()
+                .map_err(|e| (profile.span(), e.to_string()))?;
+            if !clients.contains_key(&id) {
+                return Err((profile.span(), format!("users: user {id} never connects")));
+            }
+            clients.insert(id, p);
+        }
+        Ok(Scenario {
+            name: name.to_owned(),
+            server,
+            clients,
+            seed: file.seed,
+            nodes: file.nodes,
+            timeouts: t,
+            expect: file.expect,
+            steps,
+        })
+    }
+}
+
+/// Checks a host name against the world: `node<N>`, `redis`, `user<ID>`.
+fn host_ok(host: &str, nodes: u64, users: &BTreeMap<u64, bool>) -> Result<(), String> {
+    let ok = host == "redis"
+        || host
+            .strip_prefix("node")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| (1..=nodes).contains(&n))
+        || host
+            .strip_prefix("user")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|u| users.contains_key(&u));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "unknown host {host:?} (expected redis, node1..node{nodes}, or user<ID> of a connected user)"
+        ))
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, column)
+}

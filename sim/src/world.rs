@@ -1,0 +1,604 @@
+//! The simulated world of one run, and the driver that plays a scenario in it.
+//!
+//! Hosts: `redis` (the RESP model in [`crate::redis_model`]), `node1..N`
+//! (the real `im-server` over a turmoil listener), and `user<ID>` (an
+//! agent driving the real `im-client` library over a turmoil stream). The
+//! driver steps the simulation, applies each scenario step at its time,
+//! then heals every fault, lets the system settle, reads presence from
+//! Redis and probes liveness. Everything it observes goes to a
+//! [`History`].
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
+
+use im_client::{Client, ClientProfile, Event as ClientEvent, Options};
+use im_proto::UserId;
+use im_server::listener::BoxStream;
+use im_server::{Config, Connector, Listener, Profile, RedisLink, Server};
+use tokio::sync::Notify;
+
+use crate::history::{Event, History, MsgKey};
+use crate::redis_model::{self, SharedRedis};
+use crate::scenario::{Action, Scenario};
+
+/// The port every server node listens on.
+pub const WS_PORT: u16 = 8080;
+/// The simulated Redis's port.
+pub const REDIS_PORT: u16 = 6379;
+
+/// Why a run could not complete (as opposed to an invariant failing).
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("simulation failed at {at:?}: {message}")]
+    Turmoil { at: Duration, message: String },
+}
+
+/// Everything a run produced.
+#[derive(Debug)]
+pub struct RunResult {
+    pub history: History,
+    /// `online_users` in Redis at quiescence; `None` if Redis was down.
+    pub redis_online: Option<BTreeSet<u64>>,
+    /// Users the story leaves online (their last step connects).
+    pub intended_online: BTreeSet<u64>,
+    /// How long the run lasted in simulated time.
+    pub elapsed: Duration,
+}
+
+/// A turmoil listener behind the server's transport seam.
+struct TurmoilListener(turmoil::net::TcpListener);
+
+impl Listener for TurmoilListener {
+    type Stream = turmoil::net::TcpStream;
+    async fn accept(&mut self) -> io::Result<(Self::Stream, SocketAddr)> {
+        self.0.accept().await
+    }
+}
+
+fn turmoil_redis_connector() -> Connector {
+    Arc::new(|| {
+        Box::pin(async {
+            let stream = turmoil::net::TcpStream::connect(("redis", REDIS_PORT)).await?;
+            Ok(Box::new(stream) as BoxStream)
+        })
+    })
+}
+
+/// Simulated time since the run began, as seen from inside a host.
+pub fn now() -> Duration {
+    turmoil::sim_elapsed().unwrap_or_default()
+}
+
+/// A command from the driver to a user's agent.
+#[derive(Debug)]
+enum Cmd {
+    Connect { node: u64 },
+    Close,
+    Abort,
+    Send { key: MsgKey, to: u64, text: String, probe: bool },
+    PauseReading(bool),
+}
+
+/// The driver's mailbox to one agent. Commands are few and come from the
+/// scenario, so a plain queue suffices; the agent wakes on `notify`.
+#[derive(Default)]
+struct Mailbox {
+    queue: RefCell<VecDeque<Cmd>>,
+    notify: Notify,
+}
+
+impl Mailbox {
+    fn post(&self, cmd: Cmd) {
+        self.queue.borrow_mut().push_back(cmd);
+        self.notify.notify_one();
+    }
+}
+
+/// Bytes moved on a user's current connection, seen at the client end;
+/// the middlebox fault reads the time of the last one.
+#[derive(Default)]
+struct Activity {
+    last_ms: AtomicU64,
+}
+
+/// A stream that stamps its activity (for the idle-dropping middlebox).
+struct Tapped<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Tapped<S> {
+    fn touch(&self) {
+        self.activity.last_ms.store(now().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tapped<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tapped<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What an agent needs; shared between the driver and the host closure.
+struct AgentCtx {
+    user: u64,
+    profile: ClientProfile,
+    connect_timeout: Duration,
+    mailbox: Mailbox,
+    activity: Arc<Activity>,
+    history: Rc<RefCell<History>>,
+}
+
+impl AgentCtx {
+    fn record(&self, event: Event) {
+        self.history.borrow_mut().push(now(), event);
+    }
+}
+
+/// A user's device: runs the real client library as the driver commands.
+async fn agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
+    let mut client: Option<Client> = None;
+    loop {
+        let cmd = ctx.mailbox.queue.borrow_mut().pop_front();
+        if let Some(cmd) = cmd {
+            agent_command(&ctx, &mut client, cmd).await;
+            continue;
+        }
+        tokio::select! {
+            biased;
+            _ = ctx.mailbox.notify.notified() => {}
+            event = next_event(&mut client) => {
+                let conn = client.as_ref().map_or(0, |c| c.conn_id().0);
+                match event {
+                    Some(ClientEvent::Delivered { from, text, client_msg_id, .. }) => ctx.record(Event::Delivered {
+                        to: ctx.user,
+                        conn,
+                        key: MsgKey { from: from.0, id: client_msg_id },
+                        text,
+                    }),
+                    Some(ClientEvent::SendResult { client_msg_id, accepted, reason }) => ctx.record(Event::SendResult {
+                        key: MsgKey { from: ctx.user, id: client_msg_id },
+                        accepted,
+                        reason,
+                    }),
+                    Some(ClientEvent::ServerError { code, detail }) => ctx.record(Event::ServerError { user: ctx.user, code, detail }),
+                    Some(ClientEvent::Closed(cause)) => {
+                        ctx.record(Event::Closed { user: ctx.user, conn, cause: format!("{cause:?}") });
+                        client = None;
+                    }
+                    None => client = None,
+                }
+            }
+        }
+    }
+}
+
+async fn next_event(client: &mut Option<Client>) -> Option<ClientEvent> {
+    match client {
+        Some(c) => c.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
+    match cmd {
+        Cmd::Connect { node } => {
+            if let Some(old) = client.take() {
+                // A reconnecting app abandons its old socket (FIN, no close frame).
+                let _ = old.abort().await;
+                ctx.record(Event::Closed { user: ctx.user, conn: old.conn_id().0, cause: "abandoned for a new connection".into() });
+            }
+            let host = format!("node{node}");
+            let mut options = Options::new(UserId(ctx.user), format!("ws://{host}:{WS_PORT}/ws"));
+            options.profile = ctx.profile;
+            options.login_timeout = ctx.connect_timeout;
+            let activity = ctx.activity.clone();
+            let attempt = async {
+                let tcp = turmoil::net::TcpStream::connect((host.as_str(), WS_PORT)).await?;
+                let stream = Tapped { inner: tcp, activity };
+                Client::connect_over(stream, options).await.map_err(io::Error::other)
+            };
+            match tokio::time::timeout(ctx.connect_timeout, attempt).await {
+                Ok(Ok(c)) => {
+                    ctx.activity.last_ms.store(now().as_millis() as u64, Ordering::Relaxed);
+                    ctx.record(Event::Connected { user: ctx.user, node, conn: c.conn_id().0 });
+                    *client = Some(c);
+                }
+                Ok(Err(e)) => ctx.record(Event::ConnectFailed { user: ctx.user, node, error: e.to_string() }),
+                Err(_) => ctx.record(Event::ConnectFailed { user: ctx.user, node, error: "timed out".into() }),
+            }
+        }
+        Cmd::Close => {
+            if let Some(c) = client {
+                let _ = c.close().await;
+            }
+        }
+        Cmd::Abort => {
+            if let Some(c) = client.take() {
+                let _ = c.abort().await;
+                ctx.record(Event::Closed { user: ctx.user, conn: c.conn_id().0, cause: "vanished".into() });
+            }
+        }
+        Cmd::Send { key, to, text, probe } => match client {
+            Some(c) => {
+                ctx.record(Event::Sent { key, to, text: text.clone(), probe });
+                if let Err(e) = c.send(UserId(to), &text, key.id).await {
+                    ctx.record(Event::SendFailed { key, to, reason: e.to_string(), probe });
+                }
+            }
+            None => ctx.record(Event::SendFailed { key, to, reason: "not connected".into(), probe }),
+        },
+        Cmd::PauseReading(paused) => {
+            if let Some(c) = client {
+                let _ = c.pause_reading(paused).await;
+            }
+        }
+    }
+}
+
+/// Plays `scenario` with `seed` against `profile`; returns what happened.
+pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult, SimError> {
+    let t = scenario.timeouts;
+    let settle = t.settle.0;
+    // Story, settle, heal + settle, liveness + settle, plus margin.
+    let total = scenario.last_step_at() + settle * 3 + t.connect.0 * 2 + Duration::from_secs(10);
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .epoch(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        .simulation_duration(total)
+        .tick_duration(t.tick.0)
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(t.latency.0)
+        .tcp_capacity(4096)
+        .build();
+
+    let history = Rc::new(RefCell::new(History::default()));
+    let redis = SharedRedis::new(now);
+    {
+        let redis = redis.clone();
+        sim.host("redis", move || redis_model::serve_turmoil(redis.clone(), REDIS_PORT));
+    }
+    for n in 1..=scenario.nodes {
+        let mut config = Config::new(profile);
+        config.node = format!("node{n}");
+        config.limits.read_idle_timeout = t.idle.0;
+        sim.host(format!("node{n}"), move || {
+            let config = config.clone();
+            async move {
+                let listener = turmoil::net::TcpListener::bind(("0.0.0.0", WS_PORT)).await?;
+                let redis = RedisLink::new(turmoil_redis_connector(), Default::default(), config.limits.redis_timeout);
+                Server::new(config, redis)
+                    .run(TurmoilListener(listener), std::future::pending())
+                    .await;
+                Ok(())
+            }
+        });
+    }
+    let mut agents = BTreeMap::new();
+    for (&user, &client_profile) in &scenario.clients {
+        let ctx = Rc::new(AgentCtx {
+            user,
+            profile: client_profile,
+            connect_timeout: t.connect.0,
+            mailbox: Mailbox::default(),
+            activity: Arc::new(Activity::default()),
+            history: history.clone(),
+        });
+        agents.insert(user, ctx.clone());
+        sim.host(format!("user{user}"), move || agent(ctx.clone()));
+    }
+
+    let mut driver = Driver {
+        sim,
+        history: history.clone(),
+        redis: redis.clone(),
+        agents,
+        home: BTreeMap::new(),
+        next_id: BTreeMap::new(),
+        partitions: BTreeSet::new(),
+        crashed: BTreeSet::new(),
+        redis_down: false,
+        middleboxes: BTreeMap::new(),
+    };
+    driver.phase("story");
+    for step in &scenario.steps {
+        driver.advance_to(step.at)?;
+        driver.apply(&step.action);
+    }
+    let end_of_story = driver.sim.elapsed() + settle;
+    driver.advance_to(end_of_story)?;
+
+    driver.phase("heal");
+    driver.heal_all();
+    driver.advance_to(end_of_story + settle)?;
+
+    let intended_online = intended_online(scenario);
+    driver.phase("quiescence");
+    let redis_online = if driver.redis_down {
+        None
+    } else {
+        Some(
+            redis
+                .smembers(b"online_users")
+                .iter()
+                .filter_map(|m| std::str::from_utf8(m).ok()?.parse().ok())
+                .collect(),
+        )
+    };
+
+    driver.phase("liveness");
+    for &a in &intended_online {
+        for &b in &intended_online {
+            if a != b {
+                let text = format!("probe {a}->{b}");
+                driver.send(a, b, Some(text), true);
+            }
+        }
+    }
+    driver.advance_to(end_of_story + settle * 2)?;
+    driver.phase("end");
+    let elapsed = driver.sim.elapsed();
+    drop(driver);
+
+    let mut history = Rc::try_unwrap(history).map(RefCell::into_inner).unwrap_or_else(|rc| rc.borrow().clone());
+    merge_presence_writes(&mut history, &redis);
+    Ok(RunResult {
+        history,
+        redis_online,
+        intended_online,
+        elapsed,
+    })
+}
+
+/// Users whose last story step leaves them connected.
+fn intended_online(scenario: &Scenario) -> BTreeSet<u64> {
+    let mut online = BTreeMap::new();
+    for step in &scenario.steps {
+        match step.action {
+            Action::Connect { user, .. } | Action::Reconnect { user, .. } => {
+                online.insert(user, true);
+            }
+            Action::Disconnect { user } | Action::Vanish { user } => {
+                online.insert(user, false);
+            }
+            _ => {}
+        }
+    }
+    online.into_iter().filter(|(_, on)| *on).map(|(u, _)| u).collect()
+}
+
+/// Adds the presence writes Redis executed (SADD/SREM/DEL on presence
+/// keys) to the history, in time order after events of the same instant.
+fn merge_presence_writes(history: &mut History, redis: &SharedRedis) {
+    for cmd in redis.command_log() {
+        let Some(name) = cmd.args.first() else { continue };
+        let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+        if !matches!(name.as_str(), "SADD" | "SREM") {
+            continue;
+        }
+        let text = cmd
+            .args
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        history.push(cmd.at, Event::PresenceWrite { command: text });
+    }
+    // Stable: same-instant events keep their recorded order.
+    history.records.sort_by_key(|r| r.at);
+}
+
+struct Driver<'a> {
+    sim: turmoil::Sim<'a>,
+    history: Rc<RefCell<History>>,
+    redis: SharedRedis,
+    agents: BTreeMap<u64, Rc<AgentCtx>>,
+    /// The node each user last connected to.
+    home: BTreeMap<u64, u64>,
+    next_id: BTreeMap<u64, u64>,
+    partitions: BTreeSet<(String, String)>,
+    crashed: BTreeSet<u64>,
+    redis_down: bool,
+    /// user -> idle time after which the middlebox drops its connection.
+    middleboxes: BTreeMap<u64, Duration>,
+}
+
+impl Driver<'_> {
+    fn record(&self, event: Event) {
+        let at = self.sim.elapsed();
+        self.history.borrow_mut().push(at, event);
+    }
+
+    fn phase(&self, name: &str) {
+        self.record(Event::Phase { name: name.into() });
+    }
+
+    fn fault(&self, what: String) {
+        self.record(Event::Fault { what });
+    }
+
+    fn advance_to(&mut self, t: Duration) -> Result<(), SimError> {
+        while self.sim.elapsed() < t {
+            self.sim.step().map_err(|e| SimError::Turmoil {
+                at: self.sim.elapsed(),
+                message: e.to_string(),
+            })?;
+            self.check_middleboxes();
+        }
+        Ok(())
+    }
+
+    fn check_middleboxes(&mut self) {
+        if self.middleboxes.is_empty() {
+            return;
+        }
+        let now = self.sim.elapsed();
+        let due: Vec<(u64, u64)> = self
+            .middleboxes
+            .iter()
+            .filter_map(|(&user, &idle)| {
+                let last = Duration::from_millis(self.agents[&user].activity.last_ms.load(Ordering::Relaxed));
+                (now.saturating_sub(last) > idle).then(|| (user, self.home.get(&user).copied().unwrap_or(1)))
+            })
+            .collect();
+        for (user, node) in due {
+            self.middleboxes.remove(&user);
+            self.fault(format!("middlebox drops idle connection user{user} <-> node{node}"));
+            self.partition(format!("user{user}"), format!("node{node}"));
+        }
+    }
+
+    fn partition(&mut self, a: String, b: String) {
+        self.sim.partition(a.as_str(), b.as_str());
+        self.partitions.insert(ordered(a, b));
+    }
+
+    fn repair(&mut self, a: String, b: String) {
+        self.sim.repair(a.as_str(), b.as_str());
+        self.partitions.remove(&ordered(a, b));
+    }
+
+    fn send(&mut self, from: u64, to: u64, text: Option<String>, probe: bool) {
+        let id = self.next_id.entry(from).or_insert(0);
+        *id += 1;
+        let key = MsgKey { from, id: *id };
+        let text = text.unwrap_or_else(|| format!("m{}", key.id));
+        self.agents[&from].mailbox.post(Cmd::Send { key, to, text, probe });
+    }
+
+    fn apply(&mut self, action: &Action) {
+        match action {
+            Action::Connect { user, node } => {
+                self.home.insert(*user, *node);
+                self.agents[user].mailbox.post(Cmd::Connect { node: *node });
+            }
+            Action::Disconnect { user } => self.agents[user].mailbox.post(Cmd::Close),
+            Action::Vanish { user } => {
+                let node = self.home[user];
+                self.fault(format!("user{user} vanishes (partitioned from node{node}, then its socket is dropped)"));
+                self.partition(format!("user{user}"), format!("node{node}"));
+                self.agents[user].mailbox.post(Cmd::Abort);
+            }
+            Action::Reconnect { user, node } => {
+                let old = self.home[user];
+                let a = format!("user{user}");
+                let stale: Vec<_> = self.partitions.iter().filter(|(x, y)| *x == a || *y == a).cloned().collect();
+                for (x, y) in stale {
+                    self.fault(format!("heal {x} <-> {y} (user reconnects)"));
+                    self.repair(x, y);
+                }
+                let node = node.unwrap_or(old);
+                self.home.insert(*user, node);
+                self.agents[user].mailbox.post(Cmd::Connect { node });
+            }
+            Action::Send { from, to, text } => self.send(*from, *to, text.clone(), false),
+            Action::Partition { a, b } => {
+                self.fault(format!("partition {a} <-> {b}"));
+                self.partition(a.clone(), b.clone());
+            }
+            Action::Heal { a, b } => {
+                self.fault(format!("heal {a} <-> {b}"));
+                self.repair(a.clone(), b.clone());
+            }
+            Action::Crash { node } => {
+                self.fault(format!("crash node{node}"));
+                self.sim.crash(format!("node{node}").as_str());
+                self.crashed.insert(*node);
+            }
+            Action::Restart { node } => {
+                self.fault(format!("restart node{node}"));
+                self.sim.bounce(format!("node{node}").as_str());
+                self.crashed.remove(node);
+            }
+            Action::RedisStop => {
+                self.fault("redis stops".into());
+                self.sim.crash("redis");
+                self.redis_down = true;
+            }
+            Action::RedisRestart { keep_data } => {
+                self.fault(format!("redis restarts {}", if *keep_data { "with its data" } else { "empty" }));
+                if !self.redis_down {
+                    self.sim.crash("redis");
+                }
+                if !keep_data {
+                    self.redis.flush_data();
+                }
+                self.sim.bounce("redis");
+                self.redis_down = false;
+            }
+            Action::Middlebox { user, idle } => {
+                self.fault(format!("middlebox on user{user}: drops the connection after {} idle", humantime::format_duration(*idle)));
+                self.middleboxes.insert(*user, *idle);
+            }
+            Action::StopReading { user } => {
+                self.fault(format!("user{user} stops reading"));
+                self.agents[user].mailbox.post(Cmd::PauseReading(true));
+            }
+            Action::ResumeReading { user } => {
+                self.fault(format!("user{user} resumes reading"));
+                self.agents[user].mailbox.post(Cmd::PauseReading(false));
+            }
+        }
+    }
+
+    /// Faults end: partitions repaired, crashed nodes and Redis restarted
+    /// (Redis keeps its data), stuck readers resume, middleboxes removed.
+    fn heal_all(&mut self) {
+        for (a, b) in std::mem::take(&mut self.partitions) {
+            self.fault(format!("heal {a} <-> {b}"));
+            self.sim.repair(a.as_str(), b.as_str());
+        }
+        for node in std::mem::take(&mut self.crashed) {
+            self.fault(format!("restart node{node}"));
+            self.sim.bounce(format!("node{node}").as_str());
+        }
+        if self.redis_down {
+            self.fault("redis restarts with its data".into());
+            self.sim.bounce("redis");
+            self.redis_down = false;
+        }
+        self.middleboxes.clear();
+        for agent in self.agents.values() {
+            agent.mailbox.post(Cmd::PauseReading(false));
+        }
+    }
+}
+
+fn ordered(a: String, b: String) -> (String, String) {
+    if a <= b { (a, b) } else { (b, a) }
+}
