@@ -31,15 +31,39 @@ pub enum Event {
     Closed { user: u64, conn: u64, cause: String },
     /// A client handed a message to its connection (`probe`: sent by the
     /// liveness phase, not by the story).
-    Sent { key: MsgKey, to: u64, text: String, probe: bool },
+    Sent {
+        key: MsgKey,
+        to: u64,
+        text: String,
+        probe: bool,
+    },
     /// A client could not even hand a message over (not connected).
-    SendFailed { key: MsgKey, to: u64, reason: String, probe: bool },
+    SendFailed {
+        key: MsgKey,
+        to: u64,
+        text: String,
+        reason: String,
+        probe: bool,
+    },
     /// The server's answer to a sender.
-    SendResult { key: MsgKey, accepted: bool, reason: String },
+    SendResult {
+        key: MsgKey,
+        accepted: bool,
+        reason: String,
+    },
     /// A recipient's client received a message.
-    Delivered { to: u64, conn: u64, key: MsgKey, text: String },
+    Delivered {
+        to: u64,
+        conn: u64,
+        key: MsgKey,
+        text: String,
+    },
     /// The server sent an Error envelope to a client.
-    ServerError { user: u64, code: i32, detail: String },
+    ServerError {
+        user: u64,
+        code: i32,
+        detail: String,
+    },
     /// The simulated Redis executed a write to presence.
     PresenceWrite { command: String },
     /// The driver injected (or healed) a fault.
@@ -79,18 +103,46 @@ pub fn fmt_time(at: Duration) -> String {
 impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Event::Connected { user, node, conn } => write!(f, "user{user} connected to node{node} (conn {conn})"),
-            Event::ConnectFailed { user, node, error } => write!(f, "user{user} could not connect to node{node}: {error}"),
-            Event::Closed { user, conn, cause } => write!(f, "user{user} conn {conn} closed: {cause}"),
-            Event::Sent { key, to, text, probe } => {
+            Event::Connected { user, node, conn } => {
+                write!(f, "user{user} connected to node{node} (conn {conn})")
+            }
+            Event::ConnectFailed { user, node, error } => {
+                write!(f, "user{user} could not connect to node{node}: {error}")
+            }
+            Event::Closed { user, conn, cause } => {
+                write!(f, "user{user} conn {conn} closed: {cause}")
+            }
+            Event::Sent {
+                key,
+                to,
+                text,
+                probe,
+            } => {
                 let p = if *probe { " (probe)" } else { "" };
                 write!(f, "user{} sends {key} to {to}: {text:?}{p}", key.from)
             }
-            Event::SendFailed { key, to, reason, .. } => write!(f, "user{} cannot send {key} to {to}: {reason}", key.from),
-            Event::SendResult { key, accepted: true, .. } => write!(f, "user{} told {key} sent", key.from),
-            Event::SendResult { key, accepted: false, reason } => write!(f, "user{} told {key} refused: {reason}", key.from),
-            Event::Delivered { to, conn, key, text } => write!(f, "user{to} (conn {conn}) received {key}: {text:?}"),
-            Event::ServerError { user, code, detail } => write!(f, "user{user} got server error {code}: {detail}"),
+            Event::SendFailed {
+                key, to, reason, ..
+            } => write!(f, "user{} cannot send {key} to {to}: {reason}", key.from),
+            Event::SendResult {
+                key,
+                accepted: true,
+                ..
+            } => write!(f, "user{} told {key} sent", key.from),
+            Event::SendResult {
+                key,
+                accepted: false,
+                reason,
+            } => write!(f, "user{} told {key} refused: {reason}", key.from),
+            Event::Delivered {
+                to,
+                conn,
+                key,
+                text,
+            } => write!(f, "user{to} (conn {conn}) received {key}: {text:?}"),
+            Event::ServerError { user, code, detail } => {
+                write!(f, "user{user} got server error {code}: {detail}")
+            }
             Event::PresenceWrite { command } => write!(f, "redis: {command}"),
             Event::Fault { what } => write!(f, "fault: {what}"),
             Event::Phase { name } => write!(f, "-- {name} --"),

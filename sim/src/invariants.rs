@@ -84,7 +84,12 @@ pub fn fates(history: &History) -> BTreeMap<MsgKey, MessageFate> {
     let mut fates = BTreeMap::<MsgKey, MessageFate>::new();
     for r in &history.records {
         match &r.event {
-            Event::Sent { key, to, text, probe } => {
+            Event::Sent {
+                key,
+                to,
+                text,
+                probe,
+            } => {
                 let f = fates.entry(*key).or_default();
                 f.key = Some(*key);
                 f.to = *to;
@@ -92,15 +97,26 @@ pub fn fates(history: &History) -> BTreeMap<MsgKey, MessageFate> {
                 f.probe = *probe;
                 f.sent_at = Some(r.at);
             }
-            Event::SendFailed { key, to, reason, probe } => {
+            Event::SendFailed {
+                key,
+                to,
+                text,
+                reason,
+                probe,
+            } => {
                 let f = fates.entry(*key).or_default();
                 f.key = Some(*key);
                 f.to = *to;
+                f.text = text.clone();
                 f.probe = *probe;
                 f.sent_at.get_or_insert(r.at);
                 f.send_failed = Some(reason.clone());
             }
-            Event::SendResult { key, accepted, reason } => {
+            Event::SendResult {
+                key,
+                accepted,
+                reason,
+            } => {
                 let f = fates.entry(*key).or_default();
                 f.accepted = Some(*accepted);
                 f.reason = reason.clone();
@@ -136,10 +152,14 @@ fn delivery(history: &History) -> Verdict {
     let mut seen = BTreeSet::new();
     let mut last_per_pair = BTreeMap::<(u64, u64), u64>::new();
     for e in history.events() {
-        let Event::Delivered { to, key, .. } = e else { continue };
+        let Event::Delivered { to, key, .. } = e else {
+            continue;
+        };
         match sent.get(key) {
             None => problems.push(format!("{key} delivered to {to} but never sent")),
-            Some(dest) if dest != to => problems.push(format!("{key} for {dest} delivered to {to}")),
+            Some(dest) if dest != to => {
+                problems.push(format!("{key} for {dest} delivered to {to}"))
+            }
             Some(_) => {}
         }
         if !seen.insert((*key, *to)) {
@@ -147,7 +167,10 @@ fn delivery(history: &History) -> Verdict {
         }
         let last = last_per_pair.entry((key.from, *to)).or_insert(0);
         if key.id < *last {
-            problems.push(format!("{key} delivered to {to} after #{} (out of order)", *last));
+            problems.push(format!(
+                "{key} delivered to {to} after #{} (out of order)",
+                *last
+            ));
         }
         *last = (*last).max(key.id);
     }

@@ -52,12 +52,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(paths: Vec<PathBuf>, seed: Option<u64>, profile: Option<Profile>, trace: bool, report: bool) -> ExitCode {
+fn run(
+    paths: Vec<PathBuf>,
+    seed: Option<u64>,
+    profile: Option<Profile>,
+    trace: bool,
+    report: bool,
+) -> ExitCode {
     match seed {
         Some(s) => println!("seed: {s}"),
         None => println!("seed: from each scenario file (--seed N overrides)"),
     }
-    let paths = if paths.is_empty() { vec![PathBuf::from("scenarios")] } else { paths };
+    let paths = if paths.is_empty() {
+        vec![PathBuf::from("scenarios")]
+    } else {
+        paths
+    };
     let files = match collect(&paths) {
         Ok(files) => files,
         Err(e) => {
@@ -138,7 +148,11 @@ fn run(paths: Vec<PathBuf>, seed: Option<u64>, profile: Option<Profile>, trace: 
         }
     }
     println!("{passed} passed, {failed} failed");
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// Files as given; directories expanded to their *.toml files, sorted.

@@ -18,7 +18,11 @@ pub fn render(o: &Outcome) -> String {
         .map(|(u, p)| format!("{u}={p}"))
         .collect::<Vec<_>>()
         .join(" ");
-    let _ = writeln!(out, "server: {}  nodes: {}  clients: {clients}  seed: {}", o.profile, s.nodes, o.seed);
+    let _ = writeln!(
+        out,
+        "server: {}  nodes: {}  clients: {clients}  seed: {}",
+        o.profile, s.nodes, o.seed
+    );
     let list = |v: &std::collections::BTreeSet<crate::Invariant>| {
         if v.is_empty() {
             "none".to_owned()
@@ -31,12 +35,20 @@ pub fn render(o: &Outcome) -> String {
     let _ = writeln!(out, "verdict: {}", if o.passed() { "PASS" } else { "FAIL" });
 
     let _ = writeln!(out, "\nmessages");
-    let _ = writeln!(out, "  {:<8} {:<9} {:<13} {:<16} result", "msg", "sent at", "from -> to", "text");
+    let _ = writeln!(
+        out,
+        "  {:<8} {:<9} {:<13} {:<16} result",
+        "msg", "sent at", "from -> to", "text"
+    );
     for (key, f) in fates(&o.run.history) {
         let result = match (&f.send_failed, f.accepted, f.deliveries.as_slice()) {
             (Some(why), _, _) => format!("❌ not sent: {why}"),
             (None, _, [at]) => format!("✅ delivered at {}", fmt_time(*at)),
-            (None, _, [first, ..]) => format!("❌ delivered {} times, first at {}", f.deliveries.len(), fmt_time(*first)),
+            (None, _, [first, ..]) => format!(
+                "❌ delivered {} times, first at {}",
+                f.deliveries.len(),
+                fmt_time(*first)
+            ),
             (None, Some(true), []) => "❌ told sent, never delivered".to_owned(),
             (None, Some(false), []) => format!("❌ refused: {}", f.reason),
             (None, None, []) => "❌ no answer, never delivered".to_owned(),
@@ -59,7 +71,11 @@ pub fn render(o: &Outcome) -> String {
             let _ = writeln!(out, "  Redis down: unknown");
         }
         Some(online) => {
-            let _ = writeln!(out, "  {:<6} {:<16} live connection", "user", "online_users");
+            let _ = writeln!(
+                out,
+                "  {:<6} {:<16} live connection",
+                "user", "online_users"
+            );
             for &u in o.scenario.clients.keys() {
                 let (r, l) = (online.contains(&u), live.contains(&u));
                 let mark = if r == l { "✅" } else { "❌" };

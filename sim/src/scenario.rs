@@ -62,9 +62,11 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map(Dur)
-            .map_err(|e| serde::de::Error::custom(format!("bad duration {text:?}: {e} (expected e.g. \"250ms\", \"30s\", \"2m\")")))
+        humantime::parse_duration(&text).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "bad duration {text:?}: {e} (expected e.g. \"250ms\", \"30s\", \"2m\")"
+            ))
+        })
     }
 }
 
@@ -211,20 +213,53 @@ pub struct TimedStep {
 /// What the driver does (steps with time taken out; `wait` is gone).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    Connect { user: u64, node: u64 },
-    Disconnect { user: u64 },
-    Vanish { user: u64 },
-    Reconnect { user: u64, node: Option<u64> },
-    Send { from: u64, to: u64, text: Option<String> },
-    Partition { a: String, b: String },
-    Heal { a: String, b: String },
-    Crash { node: u64 },
-    Restart { node: u64 },
+    Connect {
+        user: u64,
+        node: u64,
+    },
+    Disconnect {
+        user: u64,
+    },
+    Vanish {
+        user: u64,
+    },
+    Reconnect {
+        user: u64,
+        node: Option<u64>,
+    },
+    Send {
+        from: u64,
+        to: u64,
+        text: Option<String>,
+    },
+    Partition {
+        a: String,
+        b: String,
+    },
+    Heal {
+        a: String,
+        b: String,
+    },
+    Crash {
+        node: u64,
+    },
+    Restart {
+        node: u64,
+    },
     RedisStop,
-    RedisRestart { keep_data: bool },
-    Middlebox { user: u64, idle: Duration },
-    StopReading { user: u64 },
-    ResumeReading { user: u64 },
+    RedisRestart {
+        keep_data: bool,
+    },
+    Middlebox {
+        user: u64,
+        idle: Duration,
+    },
+    StopReading {
+        user: u64,
+    },
+    ResumeReading {
+        user: u64,
+    },
 }
 
 /// A loaded, validated scenario.
@@ -275,14 +310,18 @@ impl Scenario {
 
     /// Parses and validates; an error carries the byte span it is about.
     pub fn parse(name: &str, text: &str) -> Result<Scenario, (std::ops::Range<usize>, String)> {
-        let file: File = toml::from_str(text).map_err(|e| (e.span().unwrap_or(0..0), e.message().to_owned()))?;
+        let file: File =
+            toml::from_str(text).map_err(|e| (e.span().unwrap_or(0..0), e.message().to_owned()))?;
         let server = file
             .server
             .get_ref()
             .parse::<Profile>()
             .map_err(|e| (file.server.span(), e.to_string()))?;
         let default_client = match &file.client {
-            Some(c) => c.get_ref().parse::<ClientProfile>().map_err(|e| (c.span(), e.to_string()))?,
+            Some(c) => c
+                .get_ref()
+                .parse::<ClientProfile>()
+                .map_err(|e| (c.span(), e.to_string()))?,
             None => ClientProfile::Compliant,
         };
         if file.nodes == 0 || file.nodes > 8 {
@@ -290,7 +329,10 @@ impl Scenario {
         }
         let t = file.timeouts;
         if t.tick.0.is_zero() || t.latency.0 < Duration::from_millis(1) {
-            return Err((0..0, "timeouts.tick must be > 0 and timeouts.latency >= 1ms".into()));
+            return Err((
+                0..0,
+                "timeouts.tick must be > 0 and timeouts.latency >= 1ms".into(),
+            ));
         }
 
         let mut clients = BTreeMap::new();
@@ -335,14 +377,19 @@ impl Scenario {
                 if (1..=file.nodes).contains(&node) {
                     Ok(())
                 } else {
-                    Err(err(format!("node {node} does not exist (nodes = {})", file.nodes)))
+                    Err(err(format!(
+                        "node {node} does not exist (nodes = {})",
+                        file.nodes
+                    )))
                 }
             };
             let known = |user: u64, what: &str| {
                 if connected.contains_key(&user) {
                     Ok(())
                 } else {
-                    Err(err(format!("user {user} never connected before this `{what}` step")))
+                    Err(err(format!(
+                        "user {user} never connected before this `{what}` step"
+                    )))
                 }
             };
             let action = match step {
@@ -353,7 +400,9 @@ impl Scenario {
                     }
                     node_ok(node)?;
                     if connected.get(&user) == Some(&true) {
-                        return Err(err(format!("user {user} is already connected; use `reconnect`")));
+                        return Err(err(format!(
+                            "user {user} is already connected; use `reconnect`"
+                        )));
                     }
                     connected.insert(user, true);
                     clients.entry(user).or_insert(default_client);
@@ -466,6 +515,9 @@ fn host_ok(host: &str, nodes: u64, users: &BTreeMap<u64, bool>) -> Result<(), St
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, column)
 }

@@ -51,7 +51,9 @@ pub fn capture<T>(f: impl FnOnce() -> T) -> (T, String) {
         .with_writer(buffer.clone())
         .with_timer(SimTime)
         .with_ansi(false)
-        .with_env_filter(tracing_subscriber::EnvFilter::new("warn,im_server=info,im_client=info"))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "warn,im_server=info,im_client=info",
+        ))
         .finish();
     let result = tracing::subscriber::with_default(subscriber, f);
     let bytes = std::mem::take(&mut *buffer.0.lock().unwrap_or_else(|e| e.into_inner()));

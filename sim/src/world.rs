@@ -78,10 +78,17 @@ pub fn now() -> Duration {
 /// A command from the driver to a user's agent.
 #[derive(Debug)]
 enum Cmd {
-    Connect { node: u64 },
+    Connect {
+        node: u64,
+    },
     Close,
     Abort,
-    Send { key: MsgKey, to: u64, text: String, probe: bool },
+    Send {
+        key: MsgKey,
+        to: u64,
+        text: String,
+        probe: bool,
+    },
     PauseReading(bool),
 }
 
@@ -115,7 +122,9 @@ struct Tapped<S> {
 
 impl<S> Tapped<S> {
     fn touch(&self) {
-        self.activity.last_ms.store(now().as_millis() as u64, Ordering::Relaxed);
+        self.activity
+            .last_ms
+            .store(now().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -146,10 +155,16 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tapped<S> {
         }
         r
     }
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
-    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -221,7 +236,11 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
             if let Some(old) = client.take() {
                 // A reconnecting app abandons its old socket (FIN, no close frame).
                 let _ = old.abort().await;
-                ctx.record(Event::Closed { user: ctx.user, conn: old.conn_id().0, cause: "abandoned for a new connection".into() });
+                ctx.record(Event::Closed {
+                    user: ctx.user,
+                    conn: old.conn_id().0,
+                    cause: "abandoned for a new connection".into(),
+                });
             }
             let host = format!("node{node}");
             let mut options = Options::new(UserId(ctx.user), format!("ws://{host}:{WS_PORT}/ws"));
@@ -230,17 +249,36 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
             let activity = ctx.activity.clone();
             let attempt = async {
                 let tcp = turmoil::net::TcpStream::connect((host.as_str(), WS_PORT)).await?;
-                let stream = Tapped { inner: tcp, activity };
-                Client::connect_over(stream, options).await.map_err(io::Error::other)
+                let stream = Tapped {
+                    inner: tcp,
+                    activity,
+                };
+                Client::connect_over(stream, options)
+                    .await
+                    .map_err(io::Error::other)
             };
             match tokio::time::timeout(ctx.connect_timeout, attempt).await {
                 Ok(Ok(c)) => {
-                    ctx.activity.last_ms.store(now().as_millis() as u64, Ordering::Relaxed);
-                    ctx.record(Event::Connected { user: ctx.user, node, conn: c.conn_id().0 });
+                    ctx.activity
+                        .last_ms
+                        .store(now().as_millis() as u64, Ordering::Relaxed);
+                    ctx.record(Event::Connected {
+                        user: ctx.user,
+                        node,
+                        conn: c.conn_id().0,
+                    });
                     *client = Some(c);
                 }
-                Ok(Err(e)) => ctx.record(Event::ConnectFailed { user: ctx.user, node, error: e.to_string() }),
-                Err(_) => ctx.record(Event::ConnectFailed { user: ctx.user, node, error: "timed out".into() }),
+                Ok(Err(e)) => ctx.record(Event::ConnectFailed {
+                    user: ctx.user,
+                    node,
+                    error: e.to_string(),
+                }),
+                Err(_) => ctx.record(Event::ConnectFailed {
+                    user: ctx.user,
+                    node,
+                    error: "timed out".into(),
+                }),
             }
         }
         Cmd::Close => {
@@ -251,17 +289,43 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
         Cmd::Abort => {
             if let Some(c) = client.take() {
                 let _ = c.abort().await;
-                ctx.record(Event::Closed { user: ctx.user, conn: c.conn_id().0, cause: "vanished".into() });
+                ctx.record(Event::Closed {
+                    user: ctx.user,
+                    conn: c.conn_id().0,
+                    cause: "vanished".into(),
+                });
             }
         }
-        Cmd::Send { key, to, text, probe } => match client {
+        Cmd::Send {
+            key,
+            to,
+            text,
+            probe,
+        } => match client {
             Some(c) => {
-                ctx.record(Event::Sent { key, to, text: text.clone(), probe });
+                ctx.record(Event::Sent {
+                    key,
+                    to,
+                    text: text.clone(),
+                    probe,
+                });
                 if let Err(e) = c.send(UserId(to), &text, key.id).await {
-                    ctx.record(Event::SendFailed { key, to, reason: e.to_string(), probe });
+                    ctx.record(Event::SendFailed {
+                        key,
+                        to,
+                        text,
+                        reason: e.to_string(),
+                        probe,
+                    });
                 }
             }
-            None => ctx.record(Event::SendFailed { key, to, reason: "not connected".into(), probe }),
+            None => ctx.record(Event::SendFailed {
+                key,
+                to,
+                text,
+                reason: "not connected".into(),
+                probe,
+            }),
         },
         Cmd::PauseReading(paused) => {
             if let Some(c) = client {
@@ -291,7 +355,9 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
     let redis = SharedRedis::new(now);
     {
         let redis = redis.clone();
-        sim.host("redis", move || redis_model::serve_turmoil(redis.clone(), REDIS_PORT));
+        sim.host("redis", move || {
+            redis_model::serve_turmoil(redis.clone(), REDIS_PORT)
+        });
     }
     for n in 1..=scenario.nodes {
         let mut config = Config::new(profile);
@@ -301,7 +367,11 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
             let config = config.clone();
             async move {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", WS_PORT)).await?;
-                let redis = RedisLink::new(turmoil_redis_connector(), Default::default(), config.limits.redis_timeout);
+                let redis = RedisLink::new(
+                    turmoil_redis_connector(),
+                    Default::default(),
+                    config.limits.redis_timeout,
+                );
                 Server::new(config, redis)
                     .run(TurmoilListener(listener), std::future::pending())
                     .await;
@@ -375,7 +445,9 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
     let elapsed = driver.sim.elapsed();
     drop(driver);
 
-    let mut history = Rc::try_unwrap(history).map(RefCell::into_inner).unwrap_or_else(|rc| rc.borrow().clone());
+    let mut history = Rc::try_unwrap(history)
+        .map(RefCell::into_inner)
+        .unwrap_or_else(|rc| rc.borrow().clone());
     merge_presence_writes(&mut history, &redis);
     Ok(RunResult {
         history,
@@ -399,14 +471,20 @@ fn intended_online(scenario: &Scenario) -> BTreeSet<u64> {
             _ => {}
         }
     }
-    online.into_iter().filter(|(_, on)| *on).map(|(u, _)| u).collect()
+    online
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(u, _)| u)
+        .collect()
 }
 
 /// Adds the presence writes Redis executed (SADD/SREM/DEL on presence
 /// keys) to the history, in time order after events of the same instant.
 fn merge_presence_writes(history: &mut History, redis: &SharedRedis) {
     for cmd in redis.command_log() {
-        let Some(name) = cmd.args.first() else { continue };
+        let Some(name) = cmd.args.first() else {
+            continue;
+        };
         let name = String::from_utf8_lossy(name).to_ascii_uppercase();
         if !matches!(name.as_str(), "SADD" | "SREM") {
             continue;
@@ -472,13 +550,18 @@ impl Driver<'_> {
             .middleboxes
             .iter()
             .filter_map(|(&user, &idle)| {
-                let last = Duration::from_millis(self.agents[&user].activity.last_ms.load(Ordering::Relaxed));
-                (now.saturating_sub(last) > idle).then(|| (user, self.home.get(&user).copied().unwrap_or(1)))
+                let last = Duration::from_millis(
+                    self.agents[&user].activity.last_ms.load(Ordering::Relaxed),
+                );
+                (now.saturating_sub(last) > idle)
+                    .then(|| (user, self.home.get(&user).copied().unwrap_or(1)))
             })
             .collect();
         for (user, node) in due {
             self.middleboxes.remove(&user);
-            self.fault(format!("middlebox drops idle connection user{user} <-> node{node}"));
+            self.fault(format!(
+                "middlebox drops idle connection user{user} <-> node{node}"
+            ));
             self.partition(format!("user{user}"), format!("node{node}"));
         }
     }
@@ -498,7 +581,12 @@ impl Driver<'_> {
         *id += 1;
         let key = MsgKey { from, id: *id };
         let text = text.unwrap_or_else(|| format!("m{}", key.id));
-        self.agents[&from].mailbox.post(Cmd::Send { key, to, text, probe });
+        self.agents[&from].mailbox.post(Cmd::Send {
+            key,
+            to,
+            text,
+            probe,
+        });
     }
 
     fn apply(&mut self, action: &Action) {
@@ -510,14 +598,21 @@ impl Driver<'_> {
             Action::Disconnect { user } => self.agents[user].mailbox.post(Cmd::Close),
             Action::Vanish { user } => {
                 let node = self.home[user];
-                self.fault(format!("user{user} vanishes (partitioned from node{node}, then its socket is dropped)"));
+                self.fault(format!(
+                    "user{user} vanishes (partitioned from node{node}, then its socket is dropped)"
+                ));
                 self.partition(format!("user{user}"), format!("node{node}"));
                 self.agents[user].mailbox.post(Cmd::Abort);
             }
             Action::Reconnect { user, node } => {
                 let old = self.home[user];
                 let a = format!("user{user}");
-                let stale: Vec<_> = self.partitions.iter().filter(|(x, y)| *x == a || *y == a).cloned().collect();
+                let stale: Vec<_> = self
+                    .partitions
+                    .iter()
+                    .filter(|(x, y)| *x == a || *y == a)
+                    .cloned()
+                    .collect();
                 for (x, y) in stale {
                     self.fault(format!("heal {x} <-> {y} (user reconnects)"));
                     self.repair(x, y);
@@ -551,7 +646,10 @@ impl Driver<'_> {
                 self.redis_down = true;
             }
             Action::RedisRestart { keep_data } => {
-                self.fault(format!("redis restarts {}", if *keep_data { "with its data" } else { "empty" }));
+                self.fault(format!(
+                    "redis restarts {}",
+                    if *keep_data { "with its data" } else { "empty" }
+                ));
                 if !self.redis_down {
                     self.sim.crash("redis");
                 }
@@ -562,7 +660,10 @@ impl Driver<'_> {
                 self.redis_down = false;
             }
             Action::Middlebox { user, idle } => {
-                self.fault(format!("middlebox on user{user}: drops the connection after {} idle", humantime::format_duration(*idle)));
+                self.fault(format!(
+                    "middlebox on user{user}: drops the connection after {} idle",
+                    humantime::format_duration(*idle)
+                ));
                 self.middleboxes.insert(*user, *idle);
             }
             Action::StopReading { user } => {

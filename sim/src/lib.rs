@@ -1,0 +1,104 @@
+//! imsim's deterministic simulation harness.
+//!
+//! A [`scenario::Scenario`] (a TOML file in `scenarios/`) is played by
+//! [`world::run`] in a turmoil network: the real server nodes, a RESP
+//! [`redis_model`], and one agent per user driving the real client. The run
+//! leaves a [`history::History`]; [`invariants`] judge it from outside;
+//! [`report`] renders it for snapshots. [`run_scenario`] ties it together.
+//!
+//! Determinism: turmoil's RNG seed and epoch are pinned, the build uses
+//! `--cfg tokio_unstable` (so tokio's own RNG is seeded by turmoil), maps
+//! are BTreeMaps, and all time is simulated. The same seed gives the same
+//! trace, byte for byte (`tests/it/determinism.rs`).
+
+pub mod history;
+pub mod invariants;
+pub mod redis_model;
+pub mod report;
+pub mod scenario;
+pub mod trace;
+pub mod world;
+
+use std::collections::BTreeSet;
+
+use im_server::Profile;
+
+pub use invariants::{Invariant, Verdict};
+pub use scenario::{Scenario, ScenarioError};
+pub use world::{RunResult, SimError};
+
+/// How to play a scenario.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Replaces the scenario's seed.
+    pub seed: Option<u64>,
+    /// Replaces the scenario's server profile ("does this story break P?").
+    pub profile: Option<Profile>,
+}
+
+/// One played scenario, judged.
+#[derive(Debug)]
+pub struct Outcome {
+    pub scenario: Scenario,
+    pub seed: u64,
+    pub profile: Profile,
+    pub run: RunResult,
+    pub verdicts: Vec<Verdict>,
+    /// What the scenario must show under `profile`: its declared violations
+    /// under its own profile; under another profile, none.
+    pub expected: BTreeSet<Invariant>,
+    /// Server and client logs with simulated timestamps.
+    pub trace: String,
+}
+
+impl Outcome {
+    pub fn violated(&self) -> BTreeSet<Invariant> {
+        self.verdicts
+            .iter()
+            .filter(|v| !v.holds())
+            .map(|v| v.invariant)
+            .collect()
+    }
+
+    /// What happened equals what the scenario declares.
+    pub fn passed(&self) -> bool {
+        self.violated() == self.expected
+    }
+
+    pub fn report(&self) -> String {
+        report::render(self)
+    }
+
+    /// Everything observable about the run, for the determinism gate.
+    pub fn full_trace(&self) -> String {
+        let mut s = String::new();
+        for r in &self.run.history.records {
+            s.push_str(&format!("{} {:?}\n", history::fmt_time(r.at), r.event));
+        }
+        s.push_str(&self.trace);
+        s
+    }
+}
+
+/// Plays and judges one scenario.
+pub fn run_scenario(scenario: &Scenario, options: RunOptions) -> Result<Outcome, SimError> {
+    let seed = options.seed.unwrap_or(scenario.seed);
+    let profile = options.profile.unwrap_or(scenario.server);
+    let (run, trace) = trace::capture(|| world::run(scenario, seed, profile));
+    let run = run?;
+    let verdicts = invariants::check(&run);
+    let expected = if profile == scenario.server {
+        scenario.expect.violated.iter().copied().collect()
+    } else {
+        BTreeSet::new()
+    };
+    Ok(Outcome {
+        scenario: scenario.clone(),
+        seed,
+        profile,
+        run,
+        verdicts,
+        expected,
+        trace,
+    })
+}

@@ -1,0 +1,31 @@
+//! The simulation's integration tests.
+//!
+//! Modules:
+//! - `scenarios`: every file in `scenarios/` passes (what happened equals
+//!   what it declares), and its report is an insta snapshot.
+//! - `determinism`: the same seed gives the same trace, byte for byte.
+//! - `malformed`: bad scenario files are reported with path and line, and
+//!   the runner exits 2 without running anything.
+
+mod determinism;
+mod malformed;
+mod scenarios;
+
+use std::path::PathBuf;
+
+/// The repository's `scenarios/` directory.
+pub fn scenarios_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
+}
+
+/// Every scenario file, sorted.
+pub fn scenario_files() -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(scenarios_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no scenario files found");
+    files
+}
