@@ -11,6 +11,12 @@
 //! are BTreeMaps, and all time is simulated. The same seed gives the same
 //! trace, byte for byte (`tests/it/determinism.rs`).
 
+#[cfg(not(tokio_unstable))]
+compile_error!(
+    "im-sim needs `--cfg tokio_unstable` (set in .cargo/config.toml) for deterministic runs; \
+     a RUSTFLAGS environment variable replaces that setting"
+);
+
 pub mod history;
 pub mod invariants;
 pub mod redis_model;
