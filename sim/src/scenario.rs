@@ -27,7 +27,8 @@
 //! (silent loss: partition, then the client drops its socket, so its FIN is
 //! lost), `reconnect` (heals a vanish, drops any old socket, connects
 //! anew), `send`, `wait`, `partition`/`heal` (between two hosts),
-//! `crash`/`restart` (a server node), `redis_stop`/`redis_restart`,
+//! `crash`/`restart` (a server node), `redis_stop`/`redis_restart`
+//! (`keep_data = true|false`), `redis_slow` (every reply delayed by `delay`),
 //! `middlebox` (a NAT that silently drops the user's connection once it is
 //! idle longer than `idle`), `stop_reading`/`resume_reading` (a client
 //! whose pongs and pushes pile up).
@@ -188,6 +189,10 @@ pub enum Step {
         keep_data: bool,
         at: Option<Dur>,
     },
+    RedisSlow {
+        delay: Dur,
+        at: Option<Dur>,
+    },
     Middlebox {
         user: u64,
         idle: Dur,
@@ -249,6 +254,9 @@ pub enum Action {
     RedisStop,
     RedisRestart {
         keep_data: bool,
+    },
+    RedisSlow {
+        delay: Duration,
     },
     Middlebox {
         user: u64,
@@ -359,6 +367,7 @@ impl Scenario {
                 | Step::Restart { at, .. }
                 | Step::RedisStop { at }
                 | Step::RedisRestart { at, .. }
+                | Step::RedisSlow { at, .. }
                 | Step::Middlebox { at, .. }
                 | Step::StopReading { at, .. }
                 | Step::ResumeReading { at, .. } => *at,
@@ -450,6 +459,7 @@ impl Scenario {
                 }
                 Step::RedisStop { .. } => Action::RedisStop,
                 Step::RedisRestart { keep_data, .. } => Action::RedisRestart { keep_data },
+                Step::RedisSlow { delay, .. } => Action::RedisSlow { delay: delay.0 },
                 Step::Middlebox { user, idle, .. } => {
                     known(user, "middlebox")?;
                     Action::Middlebox { user, idle: idle.0 }

@@ -659,6 +659,13 @@ impl Driver<'_> {
                 self.sim.bounce("redis");
                 self.redis_down = false;
             }
+            Action::RedisSlow { delay } => {
+                self.fault(format!(
+                    "redis slows: every reply delayed {}",
+                    humantime::format_duration(*delay)
+                ));
+                self.redis.set_delay(*delay);
+            }
             Action::Middlebox { user, idle } => {
                 self.fault(format!(
                     "middlebox on user{user}: drops the connection after {} idle",
@@ -694,6 +701,7 @@ impl Driver<'_> {
             self.redis_down = false;
         }
         self.middleboxes.clear();
+        self.redis.set_delay(Duration::ZERO);
         for agent in self.agents.values() {
             agent.mailbox.post(Cmd::PauseReading(false));
         }
