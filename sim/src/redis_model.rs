@@ -303,7 +303,7 @@ pub fn format_double(x: f64) -> String {
             s
         }
     };
-    if exp < -4 || exp >= PRECISION {
+    if !(-4..PRECISION).contains(&exp) {
         let m = trim(format!("{}.{}", &digits[..1], &digits[1..]));
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{m}e{esign}{:02}", exp.abs())
@@ -348,10 +348,16 @@ pub struct KeySnapshot {
 }
 
 /// A score, totally ordered (NaN never gets stored).
-#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Score(f64);
 
 impl Eq for Score {}
+
+impl PartialOrd for Score {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl Ord for Score {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
@@ -882,6 +888,19 @@ pub struct Store {
     deliveries: Vec<Delivery>,
     /// The session [`Store::execute`] runs in.
     detached: Session,
+    /// Commands executed since the last drain, when someone drains them
+    /// ([`SharedRedis`] does, for its command log); off otherwise, so a
+    /// bare `Store` buffers nothing.
+    journal: Option<Vec<Executed>>,
+}
+
+/// One command as [`Store`] executed it (not as a client sent it: queued
+/// commands appear at EXEC, rejected ones never).
+#[derive(Debug)]
+struct Executed {
+    client: ClientId,
+    args: Vec<Bytes>,
+    failed: bool,
 }
 
 impl Default for Store {
@@ -910,6 +929,7 @@ impl Store {
             channels: BTreeMap::new(),
             deliveries: Vec::new(),
             detached: Session::new(ClientId(0)),
+            journal: None,
         }
     }
 
@@ -1251,6 +1271,13 @@ impl Store {
             // a transaction they are never dispatched.
             _ => Err(unknown_command(a)),
         };
+        if let Some(journal) = &mut self.journal {
+            journal.push(Executed {
+                client: session.id,
+                args: a.to_vec(),
+                failed: result.is_err(),
+            });
+        }
         result.unwrap_or_else(|e| e)
     }
 
@@ -1676,7 +1703,7 @@ impl Store {
                 "ERR XX and NX options at the same time are not compatible",
             ));
         }
-        if (gt && nx) || (lt && nx) || (gt && lt) {
+        if (nx && (gt || lt)) || (gt && lt) {
             return Err(Reply::error(
                 "ERR GT, LT, and/or NX options at the same time are not compatible",
             ));
@@ -1962,15 +1989,21 @@ impl Default for Limits {
     }
 }
 
-/// One command as the model executed it.
+/// One command as the model executed it, in execution order. Commands
+/// queued by MULTI appear when EXEC runs them (with EXEC's time) and not at
+/// all if discarded; MULTI/EXEC/DISCARD themselves and commands rejected
+/// before execution (unknown, wrong arity) are not logged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoggedCommand {
     /// Simulated time of execution.
     pub at: Duration,
-    /// The connection that sent it.
+    /// The connection that sent it (0: [`SharedRedis::execute`]).
     pub client: ClientId,
     /// The command and its arguments.
     pub args: Vec<Bytes>,
+    /// Whether it answered an error (WRONGTYPE, syntax...), so changed
+    /// nothing.
+    pub failed: bool,
 }
 
 /// Counters of the command log.
@@ -2035,20 +2068,34 @@ struct Inner {
 
 impl Inner {
     fn run(&mut self, session: &mut Session, now: Duration, args: &[Bytes]) -> Reply {
-        self.stats.executed += 1;
-        if self.log.len() < self.limits.command_log_len_max {
-            self.log.push(LoggedCommand {
-                at: now,
-                client: session.id(),
-                args: args.to_vec(),
-            });
-            self.stats.recorded += 1;
-        } else {
-            self.stats.dropped += 1;
-        }
         let reply = self.store.execute_in(session, now, args);
+        self.record(now);
         self.deliver();
         reply
+    }
+
+    /// Moves the store's journal into the bounded command log.
+    fn record(&mut self, now: Duration) {
+        let executed = self
+            .store
+            .journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        for e in executed {
+            self.stats.executed += 1;
+            if self.log.len() < self.limits.command_log_len_max {
+                self.log.push(LoggedCommand {
+                    at: now,
+                    client: e.client,
+                    args: e.args,
+                    failed: e.failed,
+                });
+                self.stats.recorded += 1;
+            } else {
+                self.stats.dropped += 1;
+            }
+        }
     }
 
     /// Moves PUBLISH output into the subscribers' bounded queues; a full
@@ -2108,7 +2155,10 @@ impl SharedRedis {
     ) -> SharedRedis {
         SharedRedis {
             inner: Arc::new(Mutex::new(Inner {
-                store: Store::new(),
+                store: Store {
+                    journal: Some(Vec::new()),
+                    ..Store::new()
+                },
                 delay: Duration::ZERO,
                 limits,
                 next_client: 1,
@@ -2670,6 +2720,28 @@ mod tests {
         assert!(!glob_match(b"a?c", b"ac"));
         assert!(glob_match(b"a\\*", b"a*"));
         assert!(!glob_match(b"a\\*", b"ab"));
+    }
+
+    #[test]
+    fn the_command_log_holds_what_ran_in_execution_order() {
+        let redis = SharedRedis::new(|| Duration::from_millis(7));
+        for c in [
+            "SET k v", "MULTI", "SADD k m", "INCR n", "EXEC", "MULTI", "DEL n", "DISCARD", "GET",
+        ] {
+            redis.execute(&cmd(c));
+        }
+        let log: Vec<(String, bool)> = redis
+            .command_log()
+            .iter()
+            .map(|c| {
+                let args: Vec<String> = c.args.iter().map(|a| lossy(a)).collect();
+                assert_eq!(c.at, Duration::from_millis(7));
+                (args.join(" "), c.failed)
+            })
+            .collect();
+        let expected = [("SET k v", false), ("SADD k m", true), ("INCR n", false)];
+        assert_eq!(log, expected.map(|(c, f)| (c.to_string(), f)));
+        assert_eq!(redis.command_log_stats().executed, 3);
     }
 
     #[test]

@@ -1,0 +1,1083 @@
+//! Differential tests: the same commands go to the Redis model (served on a
+//! real loopback socket) and to a real `redis-server` (started by
+//! `RedisProcess`), both through the real `redis` crate, and the replies
+//! must agree.
+//!
+//! Normalisation: errors compare by code (`ERR`, `WRONGTYPE`, ...) in the
+//! proptest and by full text in the fixed list; KEYS, SMEMBERS and HGETALL
+//! are sorted (their order is unspecified in Redis); TTL and PTTL compare
+//! by class (-2, -1, or not negative), since the two servers' clocks differ.
+//! Expiry times are large and unique per command position, so GT/LT
+//! comparisons never depend on which millisecond a command ran in.
+//!
+//! `PROPTEST_CASES` overrides the 64 cases of the proptest.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use im_server::testing::RedisProcess;
+use im_sim::redis_model::{SharedRedis, serve_connection};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ProtocolVersion, RedisConnectionInfo, RedisError, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::runtime::Runtime;
+
+// ---------------------------------------------------------------------------
+// Servers and connections
+// ---------------------------------------------------------------------------
+
+struct Servers {
+    _real: RedisProcess,
+    real_port: u16,
+    model_port: u16,
+    _model: SharedRedis,
+}
+
+/// Starts a real redis-server and the model on 127.0.0.1:0.
+fn start(rt: &Runtime) -> Servers {
+    let real = RedisProcess::start();
+    let started = Instant::now();
+    // A wall clock is fine here: this is a test, not the simulation.
+    let model = SharedRedis::new(move || started.elapsed());
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
+        .expect("bind the model's port");
+    let model_port = listener.local_addr().expect("model address").port();
+    let shared = model.clone();
+    rt.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(serve_connection(stream, shared.clone()));
+        }
+    });
+    Servers {
+        real_port: real.port(),
+        _real: real,
+        model_port,
+        _model: model,
+    }
+}
+
+async fn connect(port: u16, resp3: bool) -> MultiplexedConnection {
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut info = RedisConnectionInfo::default().set_skip_set_lib_name();
+    if resp3 {
+        info = info.set_protocol(ProtocolVersion::RESP3);
+    }
+    let config = AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(5)));
+    let (con, driver) = MultiplexedConnection::new_with_config(&info, tcp, config)
+        .await
+        .expect("redis handshake");
+    tokio::spawn(driver);
+    con
+}
+
+/// One connection to each server, speaking the same protocol.
+#[derive(Clone)]
+struct Pair {
+    model: MultiplexedConnection,
+    real: MultiplexedConnection,
+    resp3: bool,
+}
+
+impl Pair {
+    async fn new(s: &Servers, resp3: bool) -> Pair {
+        Pair {
+            model: connect(s.model_port, resp3).await,
+            real: connect(s.real_port, resp3).await,
+            resp3,
+        }
+    }
+
+    /// Leaves any MULTI open from a previous case and empties both servers.
+    async fn reset(&mut self) {
+        let discard = Cmd::parse("DISCARD");
+        let flush = Cmd::parse("FLUSHALL");
+        for con in [&mut self.model, &mut self.real] {
+            let _ = query(con, &discard).await;
+            query(con, &flush).await.expect("FLUSHALL");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Commands and normalised replies
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, PartialEq, Eq)]
+struct Cmd(Vec<Vec<u8>>);
+
+impl Cmd {
+    /// Space-separated arguments; `''` stands for an empty argument.
+    fn parse(s: &str) -> Cmd {
+        Cmd(s
+            .split(' ')
+            .map(|a| {
+                if a == "''" {
+                    Vec::new()
+                } else {
+                    a.as_bytes().to_vec()
+                }
+            })
+            .collect())
+    }
+
+    fn name(&self) -> String {
+        String::from_utf8_lossy(&self.0[0]).to_ascii_uppercase()
+    }
+}
+
+impl fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let args: Vec<String> = self
+            .0
+            .iter()
+            .map(|a| {
+                let s = String::from_utf8_lossy(a);
+                if s.is_empty() {
+                    "''".to_string()
+                } else {
+                    s.into_owned()
+                }
+            })
+            .collect();
+        write!(f, "{}", args.join(" "))
+    }
+}
+
+async fn query(con: &mut MultiplexedConnection, cmd: &Cmd) -> Result<Value, RedisError> {
+    let mut c = redis::cmd(&String::from_utf8_lossy(&cmd.0[0]));
+    for a in &cmd.0[1..] {
+        c.arg(a.as_slice());
+    }
+    c.query_async::<Value>(con).await
+}
+
+/// A reply reduced to what must agree between the model and Redis.
+#[derive(Clone, Debug, PartialEq)]
+enum Norm {
+    Error(String),
+    Nil,
+    Int(i64),
+    Bulk(String),
+    Okay,
+    Status(String),
+    Double(f64),
+    Bool(bool),
+    Array(Vec<Norm>),
+    Map(Vec<(Norm, Norm)>),
+    Set(Vec<Norm>),
+    /// A class, such as a TTL's sign.
+    Class(&'static str),
+    Other(String),
+}
+
+#[derive(Clone, Copy)]
+struct NormOptions {
+    /// Compare whole error messages, not only their codes.
+    error_text: bool,
+}
+
+fn error_norm(code: Option<&str>, detail: Option<&str>, opts: NormOptions) -> Norm {
+    let code = code.unwrap_or("?").to_string();
+    match (opts.error_text, detail) {
+        (true, Some(d)) => Norm::Error(format!("{code} {d}")),
+        _ => Norm::Error(code),
+    }
+}
+
+fn norm_result(r: Result<Value, RedisError>, opts: NormOptions) -> Result<Norm, String> {
+    match r {
+        Ok(v) => Ok(norm_value(v, opts)),
+        Err(e) if e.code().is_some() => Ok(error_norm(e.code(), e.detail(), opts)),
+        Err(e) => Err(format!("transport error: {e}")),
+    }
+}
+
+fn norm_value(v: Value, opts: NormOptions) -> Norm {
+    match v {
+        Value::Nil => Norm::Nil,
+        Value::Int(n) => Norm::Int(n),
+        Value::BulkString(b) => Norm::Bulk(String::from_utf8_lossy(&b).into_owned()),
+        Value::Okay => Norm::Okay,
+        Value::SimpleString(s) => Norm::Status(s),
+        Value::Double(d) => Norm::Double(d),
+        Value::Boolean(b) => Norm::Bool(b),
+        Value::Array(items) => {
+            Norm::Array(items.into_iter().map(|i| norm_value(i, opts)).collect())
+        }
+        Value::Set(items) => Norm::Set(items.into_iter().map(|i| norm_value(i, opts)).collect()),
+        Value::Map(pairs) => Norm::Map(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (norm_value(k, opts), norm_value(v, opts)))
+                .collect(),
+        ),
+        Value::ServerError(e) => error_norm(Some(e.code()), e.details(), opts),
+        other => Norm::Other(format!("{other:?}")),
+    }
+}
+
+fn sort_norms(items: &mut [Norm]) {
+    items.sort_by_key(|n| format!("{n:?}"));
+}
+
+/// Applies the per-command normalisation to a reply to `name`.
+fn by_command(name: &str, n: Norm) -> Norm {
+    match (name, n) {
+        ("KEYS" | "SMEMBERS", Norm::Array(mut items) | Norm::Set(mut items)) => {
+            sort_norms(&mut items);
+            Norm::Set(items)
+        }
+        ("HGETALL", Norm::Array(items)) => {
+            let mut pairs: Vec<(Norm, Norm)> = items
+                .chunks(2)
+                .map(|c| (c[0].clone(), c.get(1).cloned().unwrap_or(Norm::Nil)))
+                .collect();
+            pairs.sort_by_key(|p| format!("{p:?}"));
+            Norm::Map(pairs)
+        }
+        ("HGETALL", Norm::Map(mut pairs)) => {
+            pairs.sort_by_key(|p| format!("{p:?}"));
+            Norm::Map(pairs)
+        }
+        ("TTL" | "PTTL", Norm::Int(n)) => Norm::Class(match n {
+            -2 => "-2 (no key)",
+            -1 => "-1 (no expiry)",
+            n if n >= 0 => ">= 0",
+            _ => "< -2",
+        }),
+        ("HELLO", Norm::Map(pairs)) => hello_proto(pairs),
+        ("HELLO", Norm::Array(items)) => hello_proto(
+            items
+                .chunks(2)
+                .map(|c| (c[0].clone(), c.get(1).cloned().unwrap_or(Norm::Nil)))
+                .collect(),
+        ),
+        (_, n) => n,
+    }
+}
+
+/// HELLO answers differ in id and version; only the protocol must agree.
+fn hello_proto(pairs: Vec<(Norm, Norm)>) -> Norm {
+    let proto = pairs
+        .into_iter()
+        .find(|(k, _)| *k == Norm::Bulk("proto".into()))
+        .map(|(_, v)| v);
+    Norm::Other(format!("HELLO map with proto {proto:?}"))
+}
+
+/// Tracks MULTI so that EXEC's array is normalised per queued command.
+#[derive(Default)]
+struct TxTracker {
+    queued: Option<Vec<String>>,
+}
+
+impl TxTracker {
+    /// Normalises `n`, the (model's) reply to `cmd`, and updates the state.
+    fn normalise(&mut self, cmd: &Cmd, n: Norm) -> Norm {
+        let name = cmd.name();
+        match name.as_str() {
+            "MULTI" if n == Norm::Okay => {
+                if self.queued.is_none() {
+                    self.queued = Some(Vec::new());
+                }
+                n
+            }
+            "EXEC" | "DISCARD" => {
+                let queued = self.queued.take();
+                match (name.as_str(), n, queued) {
+                    ("EXEC", Norm::Array(items), Some(names)) if items.len() == names.len() => {
+                        Norm::Array(
+                            items
+                                .into_iter()
+                                .zip(names)
+                                .map(|(item, name)| by_command(&name, item))
+                                .collect(),
+                        )
+                    }
+                    (_, n, _) => n,
+                }
+            }
+            _ => {
+                if let Some(q) = &mut self.queued
+                    && n == Norm::Status("QUEUED".into())
+                {
+                    q.push(name.clone());
+                    return n;
+                }
+                by_command(&name, n)
+            }
+        }
+    }
+}
+
+/// Runs `cmds` on both servers; on the first disagreement returns a report
+/// with the command, both replies and the sequence so far.
+async fn run_both(pair: &mut Pair, cmds: &[Cmd], opts: NormOptions) -> Result<(), String> {
+    let mut tx = TxTracker::default();
+    let mut history = String::new();
+    for (i, cmd) in cmds.iter().enumerate() {
+        let model = norm_result(query(&mut pair.model, cmd).await, opts)
+            .map_err(|e| format!("model: {e} at {cmd:?}"))?;
+        let real = norm_result(query(&mut pair.real, cmd).await, opts)
+            .map_err(|e| format!("real redis: {e} at {cmd:?}"))?;
+        let before = tx.queued.clone();
+        let model = tx.normalise(cmd, model);
+        let real = TxTracker { queued: before }.normalise(cmd, real);
+        history.push_str(&format!("  {i:>3}: {cmd:?} -> {model:?}\n"));
+        if model != real {
+            return Err(format!(
+                "replies differ ({})\n  command: {cmd:?}\n  model:   {model:?}\n  real:    {real:?}\n  sequence:\n{history}",
+                if pair.resp3 { "RESP3" } else { "RESP2" },
+            ));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The fixed list: every command at least once, with its error paths
+// ---------------------------------------------------------------------------
+
+const FIXED: &[&str] = &[
+    // connection
+    "PING",
+    "PING hello",
+    "PING a b",
+    "ECHO hi",
+    "ECHO",
+    "SELECT 0",
+    "SELECT x",
+    "SELECT 99",
+    "CLIENT SETNAME conn1",
+    "CLIENT GETNAME",
+    "CLIENT",
+    "DBSIZE",
+    "DBSIZE x",
+    "NOSUCHCOMMAND a b",
+    "NOSUCHCOMMAND",
+    // strings
+    "SET s v",
+    "GET s",
+    "GET",
+    "SET s w NX",
+    "SET s w XX",
+    "SET s2 w XX",
+    "SET s x XX GET",
+    "SET s y NX GET",
+    "SET s2 y NX GET",
+    "SET s v NX XX",
+    "SET s v EX",
+    "SET s v EX 0",
+    "SET s v EX -5",
+    "SET s v EX x",
+    "SET s v KEEPTTL EX 100",
+    "SET s v PX 100 EX 100",
+    "SET s v FOO",
+    "SET s v EX 9223372036854775",
+    "SET s v EX 1000",
+    "TTL s",
+    "SET s w KEEPTTL",
+    "TTL s",
+    "SET s w",
+    "TTL s",
+    "SET ''",
+    "SET e ''",
+    "GET e",
+    "SETNX s x",
+    "SETNX s3 x",
+    "SETNX s3",
+    "GETDEL s3",
+    "GETDEL s3",
+    "INCR n",
+    "INCR n",
+    "INCRBY n 10",
+    "INCRBY n -100",
+    "INCRBY n x",
+    "INCRBY n 1.5",
+    "DECR n",
+    "DECRBY n 5",
+    "DECRBY n -9223372036854775808",
+    "INCR s",
+    "SET big 9223372036854775807",
+    "INCR big",
+    "SET lead 01",
+    "INCR lead",
+    "SET neg -0",
+    "INCR neg",
+    // keys and expiry
+    "EXISTS s n nope s",
+    "EXISTS",
+    "TYPE s",
+    "TYPE nope",
+    "KEYS *",
+    "KEYS s*",
+    "KEYS ?",
+    "KEYS [sn]*",
+    "KEYS [^s]*",
+    "KEYS \\s*",
+    "DEL s nope s",
+    "DEL",
+    "EXPIRE n 100",
+    "TTL n",
+    "PTTL n",
+    "EXPIRE n 100 NX",
+    "EXPIRE n 200 XX",
+    "EXPIRE n 50 GT",
+    "EXPIRE n 500 GT",
+    "EXPIRE n 400 LT",
+    "EXPIRE n 40 LT",
+    "EXPIRE n 10 NX XX",
+    "EXPIRE n 10 GT LT",
+    "EXPIRE n 10 FOO",
+    "EXPIRE n x",
+    "EXPIRE n x FOO",
+    "EXPIRE n 9223372036854775",
+    "EXPIRE nope 10",
+    "EXPIRE n",
+    "PERSIST n",
+    "PERSIST n",
+    "PERSIST nope",
+    "TTL n",
+    "EXPIRE e 100 GT",
+    "EXPIRE e 100 LT",
+    "PEXPIRE e 100000",
+    "PTTL e",
+    "PEXPIRE e 0",
+    "EXISTS e",
+    "PEXPIRE n -1",
+    "GET n",
+    "TTL nope",
+    "PTTL nope",
+    "TTL",
+    // sets
+    "SADD set a b c a",
+    "SADD set",
+    "SADD s a",
+    "SREM set a z",
+    "SREM set",
+    "SISMEMBER set b",
+    "SISMEMBER set a",
+    "SISMEMBER nope a",
+    "SISMEMBER set",
+    "SMEMBERS set",
+    "SMEMBERS nope",
+    "SCARD set",
+    "SCARD nope",
+    "SREM set b c",
+    "EXISTS set",
+    "SET str x",
+    "SADD str a",
+    "SMEMBERS str",
+    "SCARD str",
+    // hashes
+    "HSET h f1 v1 f2 v2",
+    "HSET h f1 v9",
+    "HSET h f1",
+    "HSET h f1 v1 f2",
+    "HSET str f v",
+    "HGET h f1",
+    "HGET h nope",
+    "HGET nope f",
+    "HGET str f",
+    "HGETALL h",
+    "HGETALL nope",
+    "HLEN h",
+    "HLEN nope",
+    "HDEL h f1 nope",
+    "HDEL h",
+    "HDEL h f2",
+    "EXISTS h",
+    "HGETALL str",
+    // lists
+    "RPUSH l a b c",
+    "LPUSH l x y",
+    "RPUSH l",
+    "LPUSH str a",
+    "LRANGE l 0 -1",
+    "LRANGE l 1 2",
+    "LRANGE l -2 -1",
+    "LRANGE l -100 100",
+    "LRANGE l 3 1",
+    "LRANGE l 10 20",
+    "LRANGE l x 1",
+    "LRANGE nope 0 -1",
+    "LRANGE str 0 -1",
+    "LLEN l",
+    "LLEN nope",
+    "LTRIM l 1 -2",
+    "LRANGE l 0 -1",
+    "LTRIM l x 1",
+    "LTRIM nope 0 1",
+    "LTRIM l 5 10",
+    "EXISTS l",
+    // sorted sets
+    "ZADD z 1 a 2 b 3 c",
+    "ZADD z 1.5 d 0.1 e inf f -inf g",
+    "ZADD z 1e3 h",
+    "ZADD z x a",
+    "ZADD z nan a",
+    "ZADD z 1",
+    "ZADD z XX",
+    "ZADD z NX XX 1 a",
+    "ZADD z GT LT 1 a",
+    "ZADD z NX GT 1 a",
+    "ZADD z INCR 1 a 2 b",
+    "ZADD z INCR 2 a",
+    "ZADD z INCR 0.1 a",
+    "ZADD z NX INCR 2 a",
+    "ZADD z XX INCR 2 nope",
+    "ZADD z GT CH 5 a 0 b 9 new",
+    "ZADD z LT CH 1 a",
+    "ZADD z XX CH 7 c 7 nope2",
+    "ZADD z NX 100 a 100 fresh",
+    "ZADD str 1 a",
+    "ZADD zz XX 1 a",
+    "EXISTS zz",
+    "ZSCORE z a",
+    "ZSCORE z e",
+    "ZSCORE z f",
+    "ZSCORE z nope",
+    "ZSCORE nope a",
+    "ZCARD z",
+    "ZCARD nope",
+    "ZRANGE z 0 -1",
+    "ZRANGE z 0 -1 WITHSCORES",
+    "ZRANGE z 1 3 REV",
+    "ZRANGE z -3 -1 REV WITHSCORES",
+    "ZRANGE z 5 1",
+    "ZRANGE z x 1",
+    "ZRANGE z 0 1 LIMIT 0 1",
+    "ZRANGE z 0 1 FOO",
+    "ZRANGE z (1 +inf BYSCORE",
+    "ZRANGE z +inf (1 BYSCORE REV LIMIT 1 2",
+    "ZRANGE z -inf +inf BYSCORE LIMIT 1 -1 WITHSCORES",
+    "ZRANGE nope 0 -1",
+    "ZRANGE str 0 -1",
+    "ZRANGEBYSCORE z -inf +inf",
+    "ZRANGEBYSCORE z -inf +inf WITHSCORES",
+    "ZRANGEBYSCORE z (1 3",
+    "ZRANGEBYSCORE z 1 (3",
+    "ZRANGEBYSCORE z (1 (1",
+    "ZRANGEBYSCORE z 3 1",
+    "ZRANGEBYSCORE z -inf +inf LIMIT 1 2",
+    "ZRANGEBYSCORE z -inf +inf LIMIT -1 2",
+    "ZRANGEBYSCORE z -inf +inf LIMIT 0 0",
+    "ZRANGEBYSCORE z -inf +inf LIMIT 2 -1 WITHSCORES",
+    "ZRANGEBYSCORE z -inf +inf LIMIT 1",
+    "ZRANGEBYSCORE z -inf +inf LIMIT x 1",
+    "ZRANGEBYSCORE z x 1",
+    "ZRANGEBYSCORE z (x 1",
+    "ZRANGEBYSCORE z 1 2 FOO",
+    "ZRANGEBYSCORE z 1",
+    "ZRANGEBYSCORE nope 0 1",
+    "ZRANGEBYSCORE str 0 1",
+    "ZREM z a nope",
+    "ZREM z",
+    "ZREM nope a",
+    "ZREMRANGEBYSCORE z 0 2",
+    "ZREMRANGEBYSCORE z x 2",
+    "ZREMRANGEBYSCORE nope 0 1",
+    "ZREMRANGEBYSCORE str 0 1",
+    "ZRANGE z 0 -1 WITHSCORES",
+    "ZREMRANGEBYSCORE z -inf +inf",
+    "EXISTS z",
+    // pub/sub without subscribers
+    "PUBLISH chan hello",
+    "PUBLISH chan",
+    // transactions
+    "MULTI",
+    "SET t 1",
+    "INCR t",
+    "SADD t x",
+    "GET t",
+    "SMEMBERS set",
+    "TTL t",
+    "EXEC",
+    "EXEC",
+    "DISCARD",
+    "MULTI",
+    "MULTI",
+    "SET t 2",
+    "DISCARD",
+    "GET t",
+    "MULTI",
+    "SET t 3",
+    "GET",
+    "NOSUCHCOMMAND",
+    "EXEC",
+    "GET t",
+    "MULTI",
+    "EXEC",
+    // flushing
+    "FLUSHDB FOO",
+    "FLUSHALL ASYNC SYNC",
+    "FLUSHDB",
+    "DBSIZE",
+    "SET a 1",
+    "FLUSHALL SYNC",
+    "KEYS *",
+    // protocol switching (the reply is compared by its proto field only)
+    "HELLO 4",
+    "HELLO x",
+    "HELLO 3 FOO",
+    "HELLO 3",
+    "SADD p a",
+    "SMEMBERS p",
+    "HSET ph f v",
+    "HGETALL ph",
+    "ZADD pz 0.1 a",
+    "ZRANGE pz 0 -1 WITHSCORES",
+    "ZSCORE pz a",
+    "GET nope",
+    "HELLO 2",
+    "SMEMBERS p",
+    "HELLO",
+];
+
+#[test]
+fn every_command_matches_real_redis() {
+    let rt = runtime();
+    let servers = start(&rt);
+    let cmds: Vec<Cmd> = FIXED.iter().map(|s| Cmd::parse(s)).collect();
+    let opts = NormOptions { error_text: true };
+    for resp3 in [false, true] {
+        rt.block_on(async {
+            let mut pair = Pair::new(&servers, resp3).await;
+            pair.reset().await;
+            if let Err(report) = run_both(&mut pair, &cmds, opts).await {
+                panic!("{report}");
+            }
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pub/sub, byte for byte, over raw sockets
+// ---------------------------------------------------------------------------
+
+/// A bare RESP client that returns each reply's exact bytes.
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    resp3: bool,
+}
+
+impl Raw {
+    async fn connect(port: u16) -> Raw {
+        Raw {
+            stream: TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect"),
+            buf: Vec::new(),
+            resp3: false,
+        }
+    }
+
+    /// The length of the first complete frame in the buffer, if any.
+    fn complete_frame(&self) -> Option<usize> {
+        // RESP2's `$-1` is not valid RESP3, hence one decoder per protocol.
+        let n = if self.resp3 {
+            redis_protocol::resp3::decode::complete::decode(&self.buf).map(|f| f.map(|(_, n)| n))
+        } else {
+            redis_protocol::resp2::decode::decode(&self.buf).map(|f| f.map(|(_, n)| n))
+        };
+        n.expect("valid RESP")
+    }
+
+    async fn send(&mut self, cmd: &str) {
+        let args: Vec<&str> = cmd.split(' ').collect();
+        let mut out = format!("*{}\r\n", args.len());
+        for a in args {
+            out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        self.stream.write_all(out.as_bytes()).await.expect("write");
+    }
+
+    async fn frame(&mut self) -> String {
+        loop {
+            if let Some(n) = self.complete_frame() {
+                let frame: Vec<u8> = self.buf.drain(..n).collect();
+                return String::from_utf8_lossy(&frame).into_owned();
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut chunk))
+                .await
+                .expect("a reply within 5 s")
+                .expect("read");
+            assert!(n > 0, "connection closed while waiting for a reply");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// Runs the pub/sub script on one server; returns every frame received.
+async fn pubsub_script(port: u16, resp3: bool) -> Vec<String> {
+    let mut sub = Raw::connect(port).await;
+    let mut publisher = Raw::connect(port).await;
+    let mut seen = Vec::new();
+    if resp3 {
+        sub.send("HELLO 3").await;
+        sub.resp3 = true;
+        sub.frame().await; // server-specific map: not compared
+    }
+    let steps: &[(&str, bool, usize)] = &[
+        // (command, sent by the subscriber?, frames it answers)
+        ("SUBSCRIBE ch1 ch2", true, 2),
+        ("SUBSCRIBE ch1", true, 1),
+        ("PING", true, 1),
+        ("PING hi", true, 1),
+        ("GET k", true, 1),
+        ("EXEC", true, 1),
+        ("SUBSCRIBE", true, 1),
+        ("PUBLISH ch1 hello", false, 1),
+        ("", true, 1), // the message itself
+        ("PUBLISH ch3 nobody", false, 1),
+        ("UNSUBSCRIBE ch1 nope", true, 2),
+        ("PUBLISH ch1 gone", false, 1),
+        ("UNSUBSCRIBE", true, 1),
+        ("UNSUBSCRIBE", true, 1),
+        ("GET k", true, 1),
+        ("PING", true, 1),
+        ("MULTI", true, 1),
+        ("SUBSCRIBE ch9", true, 1),
+        ("EXEC", true, 1),
+        ("PUBLISH ch9 in-multi", false, 1),
+        ("", true, 1),
+    ];
+    for (cmd, by_subscriber, frames) in steps {
+        let con = if *by_subscriber {
+            &mut sub
+        } else {
+            &mut publisher
+        };
+        if !cmd.is_empty() {
+            con.send(cmd).await;
+        }
+        for _ in 0..*frames {
+            seen.push(format!("{cmd:>22} => {:?}", con.frame().await));
+        }
+    }
+    seen
+}
+
+#[test]
+fn pubsub_matches_real_redis_byte_for_byte() {
+    let rt = runtime();
+    let servers = start(&rt);
+    for resp3 in [false, true] {
+        let model = rt.block_on(pubsub_script(servers.model_port, resp3));
+        let real = rt.block_on(pubsub_script(servers.real_port, resp3));
+        assert_eq!(
+            model.join("\n"),
+            real.join("\n"),
+            "pub/sub differs ({})",
+            if resp3 { "RESP3" } else { "RESP2" }
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The proptest
+// ---------------------------------------------------------------------------
+
+/// An argument template; expiry times become unique per position.
+#[derive(Clone, Debug)]
+enum Arg {
+    Lit(&'static str),
+    /// A positive expiry: seconds (or ms) far from every other one.
+    Ttl {
+        base: i64,
+        down: bool,
+        ms: bool,
+    },
+}
+
+fn lits(v: &'static [&'static str]) -> impl Strategy<Value = Arg> + Clone {
+    prop::sample::select(v).prop_map(Arg::Lit)
+}
+
+/// Each family works on its own two keys most of the time, so that values
+/// grow; `x` is shared by all, so that type clashes happen too.
+const ALL_KEYS: &[&str] = &[
+    "s0", "s1", "set0", "set1", "h0", "h1", "l0", "l1", "z0", "z1", "x",
+];
+const STRING_KEYS: &[&str] = &["s0", "s1", "x"];
+const SET_KEYS: &[&str] = &["set0", "set1", "x"];
+const HASH_KEYS: &[&str] = &["h0", "h1", "x"];
+const LIST_KEYS: &[&str] = &["l0", "l1", "x"];
+const ZSET_KEYS: &[&str] = &["z0", "z1", "x"];
+const MEMBERS: &[&str] = &["a", "b", "c", "d"];
+const VALUES: &[&str] = &[
+    "v",
+    "w",
+    "1",
+    "-3",
+    "10",
+    "abc",
+    "01",
+    "",
+    "9223372036854775807",
+    "-9223372036854775808",
+];
+const INTS: &[&str] = &[
+    "0",
+    "1",
+    "-1",
+    "2",
+    "-2",
+    "5",
+    "-10",
+    "x",
+    "9223372036854775807",
+];
+const SCORES: &[&str] = &[
+    "0", "1", "1.5", "-2", "inf", "-inf", "+inf", "0.1", "x", "1e3", "-0", "3",
+];
+const BOUNDS: &[&str] = &[
+    "-inf", "+inf", "0", "1", "(1", "2", "(2", "1.5", "x", "(x", "inf",
+];
+const PATTERNS: &[&str] = &[
+    "*", "s*", "s?", "?0", "[sz]*", "[^x]*", "[a-i]*", "*1", "\\s*", "nomatch*", "x",
+];
+
+fn ttl(ms: bool) -> impl Strategy<Value = Arg> + Clone {
+    (prop::sample::select(&[1000i64, 5000][..]), any::<bool>())
+        .prop_map(move |(base, down)| Arg::Ttl { base, down, ms })
+}
+
+fn cmd_of(parts: Vec<Vec<Arg>>) -> Vec<Arg> {
+    parts.into_iter().flatten().collect()
+}
+
+fn command() -> impl Strategy<Value = Vec<Arg>> {
+    use Arg::Lit as L;
+    let k = || lits(ALL_KEYS);
+    let ks = || lits(STRING_KEYS);
+    let kset = || lits(SET_KEYS);
+    let kh = || lits(HASH_KEYS);
+    let kl = || lits(LIST_KEYS);
+    let kz = || lits(ZSET_KEYS);
+    let m = || lits(MEMBERS);
+    let v = || lits(VALUES);
+    let i = || lits(INTS);
+    let members = || prop::collection::vec(lits(MEMBERS), 1..4);
+    let set_opt = prop_oneof![
+        Just(vec![L("NX")]),
+        Just(vec![L("XX")]),
+        Just(vec![L("GET")]),
+        Just(vec![L("KEEPTTL")]),
+        ttl(false).prop_map(|t| vec![L("EX"), t]),
+        ttl(true).prop_map(|t| vec![L("PX"), t]),
+        Just(vec![L("EX"), L("0")]),
+        Just(vec![L("EX"), L("x")]),
+        Just(vec![L("FOO")]),
+    ];
+    let expire_opt = prop::collection::vec(lits(&["NX", "XX", "GT", "LT", "FOO"]), 0..2);
+    let zadd_opt = prop::collection::vec(lits(&["NX", "XX", "GT", "LT", "CH", "INCR"]), 0..3);
+    let score_pairs = prop::collection::vec((lits(SCORES), m()), 1..3)
+        .prop_map(|ps| ps.into_iter().flat_map(|(s, m)| [s, m]).collect::<Vec<_>>());
+    let limit = prop::option::of((i(), i()).prop_map(|(o, c)| vec![L("LIMIT"), o, c]));
+    let withscores = prop::option::of(Just(vec![L("WITHSCORES")]));
+    let fixed = lits(&[
+        "PING", "DBSIZE", "MULTI", "EXEC", "DISCARD", "MULTI", "EXEC", "GET", "FLUSHDB",
+    ])
+    .prop_map(|a| vec![a]);
+
+    let strings = prop_oneof![
+        ks().prop_map(|k| vec![L("GET"), k]),
+        (ks(), v(), prop::collection::vec(set_opt, 0..3))
+            .prop_map(|(k, v, o)| cmd_of([vec![L("SET"), k, v]].into_iter().chain(o).collect())),
+        (ks(), v()).prop_map(|(k, v)| vec![L("SETNX"), k, v]),
+        ks().prop_map(|k| vec![L("GETDEL"), k]),
+        ks().prop_map(|k| vec![L("INCR"), k]),
+        ks().prop_map(|k| vec![L("DECR"), k]),
+        (ks(), i()).prop_map(|(k, n)| vec![L("INCRBY"), k, n]),
+        (ks(), i()).prop_map(|(k, n)| vec![L("DECRBY"), k, n]),
+        v().prop_map(|v| vec![L("ECHO"), v]),
+        v().prop_map(|v| vec![L("PING"), v]),
+    ];
+    let keyspace = prop_oneof![
+        prop::collection::vec(k(), 1..3).prop_map(|ks| cmd_of(vec![vec![L("DEL")], ks])),
+        prop::collection::vec(k(), 1..3).prop_map(|ks| cmd_of(vec![vec![L("EXISTS")], ks])),
+        k().prop_map(|k| vec![L("TYPE"), k]),
+        lits(PATTERNS).prop_map(|p| vec![L("KEYS"), p]),
+        (k(), ttl(false), expire_opt.clone())
+            .prop_map(|(k, t, o)| cmd_of(vec![vec![L("EXPIRE"), k, t], o])),
+        (k(), ttl(true), expire_opt)
+            .prop_map(|(k, t, o)| cmd_of(vec![vec![L("PEXPIRE"), k, t], o])),
+        (k(), lits(&["0", "-1", "x"])).prop_map(|(k, t)| vec![L("EXPIRE"), k, t]),
+        k().prop_map(|k| vec![L("TTL"), k]),
+        k().prop_map(|k| vec![L("PTTL"), k]),
+        k().prop_map(|k| vec![L("PERSIST"), k]),
+        Just(vec![L("SELECT"), L("0")]),
+        (lits(&["ch", "other"]), v()).prop_map(|(c, v)| vec![L("PUBLISH"), c, v]),
+        (lits(&["NOSUCH", "SUBSCRIBEX"]), k()).prop_map(|(c, k)| vec![c, k]),
+        fixed,
+    ];
+    let sets = prop_oneof![
+        (kset(), members()).prop_map(|(k, ms)| cmd_of(vec![vec![L("SADD"), k], ms])),
+        (kset(), members()).prop_map(|(k, ms)| cmd_of(vec![vec![L("SREM"), k], ms])),
+        (kset(), m()).prop_map(|(k, m)| vec![L("SISMEMBER"), k, m]),
+        kset().prop_map(|k| vec![L("SMEMBERS"), k]),
+        kset().prop_map(|k| vec![L("SCARD"), k]),
+    ];
+    let hashes = prop_oneof![
+        (kh(), prop::collection::vec((m(), v()), 1..3)).prop_map(|(k, fv)| cmd_of(vec![
+            vec![L("HSET"), k],
+            fv.into_iter().flat_map(|(f, v)| [f, v]).collect()
+        ])),
+        (kh(), m()).prop_map(|(k, f)| vec![L("HSET"), k, f]),
+        (kh(), m()).prop_map(|(k, f)| vec![L("HGET"), k, f]),
+        (kh(), members()).prop_map(|(k, fs)| cmd_of(vec![vec![L("HDEL"), k], fs])),
+        kh().prop_map(|k| vec![L("HGETALL"), k]),
+        kh().prop_map(|k| vec![L("HLEN"), k]),
+    ];
+    let lists = prop_oneof![
+        (kl(), prop::collection::vec(v(), 1..4))
+            .prop_map(|(k, vs)| cmd_of(vec![vec![L("RPUSH"), k], vs])),
+        (kl(), prop::collection::vec(v(), 1..4))
+            .prop_map(|(k, vs)| cmd_of(vec![vec![L("LPUSH"), k], vs])),
+        (kl(), i(), i()).prop_map(|(k, a, b)| vec![L("LRANGE"), k, a, b]),
+        kl().prop_map(|k| vec![L("LLEN"), k]),
+        (kl(), i(), i()).prop_map(|(k, a, b)| vec![L("LTRIM"), k, a, b]),
+    ];
+    let zsets = prop_oneof![
+        (kz(), zadd_opt, score_pairs).prop_map(|(k, o, p)| cmd_of(vec![vec![L("ZADD"), k], o, p])),
+        (
+            kz(),
+            lits(BOUNDS),
+            lits(BOUNDS),
+            withscores.clone(),
+            limit.clone()
+        )
+            .prop_map(|(k, a, b, w, l)| cmd_of(vec![
+                vec![L("ZRANGEBYSCORE"), k, a, b],
+                w.unwrap_or_default(),
+                l.unwrap_or_default()
+            ])),
+        (
+            kz(),
+            i(),
+            i(),
+            prop::option::of(Just(vec![L("REV")])),
+            withscores.clone()
+        )
+            .prop_map(|(k, a, b, r, w)| cmd_of(vec![
+                vec![L("ZRANGE"), k, a, b],
+                r.unwrap_or_default(),
+                w.unwrap_or_default()
+            ])),
+        (
+            kz(),
+            lits(BOUNDS),
+            lits(BOUNDS),
+            any::<bool>(),
+            limit,
+            withscores
+        )
+            .prop_map(|(k, a, b, rev, l, w)| cmd_of(vec![
+                vec![L("ZRANGE"), k, a, b, L("BYSCORE")],
+                if rev { vec![L("REV")] } else { vec![] },
+                l.unwrap_or_default(),
+                w.unwrap_or_default()
+            ])),
+        (kz(), members()).prop_map(|(k, ms)| cmd_of(vec![vec![L("ZREM"), k], ms])),
+        kz().prop_map(|k| vec![L("ZCARD"), k]),
+        (kz(), lits(BOUNDS), lits(BOUNDS)).prop_map(|(k, a, b)| vec![
+            L("ZREMRANGEBYSCORE"),
+            k,
+            a,
+            b
+        ]),
+        (kz(), m()).prop_map(|(k, m)| vec![L("ZSCORE"), k, m]),
+    ];
+    prop_oneof![
+        3 => strings,
+        3 => keyspace,
+        2 => sets,
+        2 => hashes,
+        2 => lists,
+        3 => zsets,
+    ]
+}
+
+/// Fills in expiry templates: `base ± 10 s × position` (or ms × 1000), so
+/// no two commands of a case ask for the same expiry time.
+fn render(template: &[Vec<Arg>]) -> Vec<Cmd> {
+    template
+        .iter()
+        .enumerate()
+        .map(|(pos, args)| {
+            Cmd(args
+                .iter()
+                .map(|a| match a {
+                    Arg::Lit(s) => s.as_bytes().to_vec(),
+                    Arg::Ttl { base, down, ms } => {
+                        let step = 10 * pos as i64;
+                        let secs = if *down { base - step } else { base + step };
+                        let n = if *ms { secs * 1000 } else { secs };
+                        n.to_string().into_bytes()
+                    }
+                })
+                .collect())
+        })
+        .collect()
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+#[test]
+fn random_command_sequences_match_real_redis() {
+    let rt = runtime();
+    let servers = start(&rt);
+    let (resp2, resp3) = rt.block_on(async {
+        (
+            Pair::new(&servers, false).await,
+            Pair::new(&servers, true).await,
+        )
+    });
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let config = Config {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/redis_differential.txt",
+        ))),
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new(config);
+    let strategy = (prop::collection::vec(command(), 1..80), any::<bool>());
+    let opts = NormOptions { error_text: false };
+    let result = runner.run(&strategy, |(template, use_resp3)| {
+        let cmds = render(&template);
+        let mut pair = if use_resp3 {
+            resp3.clone()
+        } else {
+            resp2.clone()
+        };
+        rt.block_on(async {
+            pair.reset().await;
+            run_both(&mut pair, &cmds, opts).await
+        })
+        .map_err(TestCaseError::fail)
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
