@@ -74,7 +74,7 @@ pub fn render(o: &Outcome) -> String {
             let _ = writeln!(
                 out,
                 "  {:<6} {:<16} live connection",
-                "user", "online_users"
+                "user", "redis presence"
             );
             for &u in o.scenario.clients.keys() {
                 let (r, l) = (online.contains(&u), live.contains(&u));
