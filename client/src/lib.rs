@@ -15,6 +15,8 @@
 //!   business message. See [`ClientProfile::Legacy`] for what it does when
 //!   it meets a Ping, and why that is the seed's phase-2 failure.
 
+pub mod resilient;
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -112,6 +114,13 @@ pub struct Options {
     pub commands_max: usize,
     /// Largest inbound frame and message.
     pub frame_bytes_max: usize,
+    /// Hardened: a signed login token (`im_proto::token`).
+    pub token: String,
+    /// Hardened: this device's stable id (a newer connection of the same
+    /// device supersedes the older one).
+    pub device: String,
+    /// Hardened: the highest inbox sequence this device already has.
+    pub resume_after_seq: u64,
 }
 
 impl Options {
@@ -124,6 +133,9 @@ impl Options {
             events_max: 1024,
             commands_max: 256,
             frame_bytes_max: 64 * 1024,
+            token: String::new(),
+            device: String::new(),
+            resume_after_seq: 0,
         }
     }
 }
@@ -177,6 +189,7 @@ enum Command {
 pub struct Client {
     user: UserId,
     conn_id: ConnId,
+    inbox_last_seq: u64,
     commands: mpsc::Sender<Command>,
     events: mpsc::Receiver<Event>,
 }
@@ -217,16 +230,19 @@ impl Client {
         let (mut ws, _response) =
             tokio_tungstenite::client_async_with_config(options.url.as_str(), stream, Some(config))
                 .await?;
-        ws.send(Message::Binary(im_proto::encode(msg::login(
-            options.user.0,
-        ))))
-        .await?;
-        let conn_id = loop {
+        let login = Body::Login(pb::Login {
+            user_id: options.user.0,
+            token: options.token.clone(),
+            device_id: options.device.clone(),
+            resume_after_seq: options.resume_after_seq,
+        });
+        ws.send(Message::Binary(im_proto::encode(login))).await?;
+        let ok = loop {
             match ws.next().await {
                 None => return Err(ClientError::Closed),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Binary(payload))) => match im_proto::decode(&payload) {
-                    Ok(Body::LoginOk(ok)) => break ConnId(ok.conn_id),
+                    Ok(Body::LoginOk(ok)) => break ok,
                     Ok(Body::Error(e)) => return Err(ClientError::LoginRefused(e.detail)),
                     Ok(other) => {
                         tracing::debug!(?other, "ignoring a message before the login answer")
@@ -244,10 +260,20 @@ impl Client {
         };
         let (commands, command_rx) = mpsc::channel(options.commands_max);
         let (event_tx, events) = mpsc::channel(options.events_max);
-        tokio::spawn(connection_task(ws, options.profile, command_rx, event_tx));
+        // A server that agreed on a heartbeat expects answers and acks.
+        let heartbeat = (ok.heartbeat_timeout_ms > 0)
+            .then(|| Duration::from_millis(ok.heartbeat_timeout_ms.into()));
+        tokio::spawn(connection_task(
+            ws,
+            options.profile,
+            heartbeat,
+            command_rx,
+            event_tx,
+        ));
         Ok(Client {
-            user: options.user,
-            conn_id,
+            user: UserId(ok.user_id),
+            conn_id: ConnId(ok.conn_id),
+            inbox_last_seq: ok.inbox_last_seq,
             commands,
             events,
         })
@@ -260,6 +286,11 @@ impl Client {
     /// The server's id for this connection.
     pub fn conn_id(&self) -> ConnId {
         self.conn_id
+    }
+
+    /// Hardened: the inbox's last sequence number at login.
+    pub fn inbox_last_seq(&self) -> u64 {
+        self.inbox_last_seq
     }
 
     /// Sends a chat message; the answer arrives as [`Event::SendResult`].
@@ -308,7 +339,7 @@ impl Client {
 }
 
 /// `ws://host:port/path` → `host:port`.
-fn host_port(url: &str) -> Result<String, ClientError> {
+pub(crate) fn host_port(url: &str) -> Result<String, ClientError> {
     let uri: tokio_tungstenite::tungstenite::http::Uri =
         url.parse()
             .map_err(|e: tokio_tungstenite::tungstenite::http::uri::InvalidUri| {
@@ -326,9 +357,32 @@ fn host_port(url: &str) -> Result<String, ClientError> {
     Ok(format!("{host}:{}", uri.port_u16().unwrap_or(80)))
 }
 
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+/// Hardened: answer the server's heartbeats, acknowledge deliveries.
+async fn hardened_reply<S>(ws: &mut WebSocketStream<S>, inbound: &Inbound) -> Result<(), WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let answer = match inbound {
+        Inbound::Heartbeat(hb) if !hb.reply => Body::Heartbeat(pb::Heartbeat {
+            nonce: hb.nonce,
+            reply: true,
+        }),
+        Inbound::Event(Event::Delivered { seq, .. }) if *seq > 0 => {
+            Body::Ack(pb::Ack { seq: *seq })
+        }
+        _ => return Ok(()),
+    };
+    ws.send(Message::Binary(im_proto::encode(answer))).await
+}
+
 /// What one inbound frame means to the application.
 enum Inbound {
     Event(Event),
+    Heartbeat(pb::Heartbeat),
     Nothing,
     End(CloseCause),
 }
@@ -336,6 +390,7 @@ enum Inbound {
 async fn connection_task<S>(
     mut ws: WebSocketStream<S>,
     profile: ClientProfile,
+    heartbeat_timeout: Option<Duration>,
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
 ) where
@@ -343,9 +398,17 @@ async fn connection_task<S>(
 {
     let mut paused = false;
     let mut closing = false;
+    // Hardened: silence from the server past the agreed timeout means the
+    // path is dead (half-open); give up on this connection.
+    let silence = heartbeat_timeout.unwrap_or(Duration::MAX);
+    let mut last_heard = tokio::time::Instant::now();
     let cause = loop {
+        let deadline = last_heard.checked_add(silence).unwrap_or_else(far_future);
         tokio::select! {
             biased;
+            _ = tokio::time::sleep_until(deadline), if heartbeat_timeout.is_some() && !closing => {
+                break CloseCause::Lost("heartbeat timeout: the server went silent".into());
+            }
             cmd = commands.recv(), if !closing => match cmd {
                 Some(Command::Send(body)) => {
                     if let Err(e) = ws.send(Message::Binary(im_proto::encode(body))).await {
@@ -361,6 +424,7 @@ async fn connection_task<S>(
                 Some(Command::PauseReading(p)) => paused = p,
             },
             frame = ws.next(), if !paused => {
+                last_heard = tokio::time::Instant::now();
                 let inbound = match frame {
                     None if closing => Inbound::End(CloseCause::ByUser),
                     None => Inbound::End(CloseCause::Lost("stream ended".into())),
@@ -371,7 +435,13 @@ async fn connection_task<S>(
                         ClientProfile::Legacy => legacy(&mut ws, message, closing).await,
                     },
                 };
+                if heartbeat_timeout.is_some()
+                    && let Err(e) = hardened_reply(&mut ws, &inbound).await
+                {
+                    break CloseCause::Lost(e.to_string());
+                }
                 match inbound {
+                    Inbound::Heartbeat(_) => {}
                     Inbound::Event(event) => {
                         if events.send(event).await.is_err() {
                             // The application dropped the client: hang up.
@@ -466,9 +536,8 @@ fn business(body: Body) -> Inbound {
         Body::Error(pb::Error { code, detail }) => {
             Inbound::Event(Event::ServerError { code, detail })
         }
-        Body::LoginOk(_) | Body::Heartbeat(_) | Body::Ack(_) | Body::Login(_) | Body::Send(_) => {
-            Inbound::Nothing
-        }
+        Body::Heartbeat(hb) => Inbound::Heartbeat(hb),
+        Body::LoginOk(_) | Body::Ack(_) | Body::Login(_) | Body::Send(_) => Inbound::Nothing,
     }
 }
 

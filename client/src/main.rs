@@ -26,6 +26,16 @@ struct Args {
     /// compliant (handles Ping/Pong) or legacy (the seed's phase-1/2 client).
     #[arg(long, default_value = "compliant")]
     profile: ClientProfile,
+    /// Hardened servers: mint a login token for --user with this secret
+    /// (a development convenience; production clients get tokens elsewhere).
+    #[arg(long, conflicts_with = "token")]
+    auth_secret: Option<String>,
+    /// Hardened servers: a login token.
+    #[arg(long)]
+    token: Option<String>,
+    /// Hardened servers: this device's id.
+    #[arg(long, default_value = "cli")]
+    device: String,
     /// How long to keep receiving after stdin closes.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     linger: Duration,
@@ -43,6 +53,25 @@ async fn main() -> anyhow::Result<()> {
     let interactive = std::io::stdin().is_terminal();
     let mut options = Options::new(UserId(args.user), &args.url);
     options.profile = args.profile;
+    let token = match (&args.token, &args.auth_secret) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(secret)) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            Some(im_proto::token::mint(
+                secret.as_bytes(),
+                UserId(args.user),
+                now + 24 * 3600,
+            ))
+        }
+        (None, None) => None,
+    };
+    if let Some(token) = token {
+        options.token = token;
+        options.device = args.device.clone();
+        return hardened(args, options, interactive).await;
+    }
     let mut client = Client::connect(options)
         .await
         .with_context(|| format!("connecting to {} as {}", args.url, args.user))?;
@@ -104,4 +133,80 @@ async fn main() -> anyhow::Result<()> {
 fn parse_line(line: &str) -> Option<(UserId, &str)> {
     let (to, text) = line.split_once(char::is_whitespace)?;
     Some((to.parse().ok()?, text.trim_start()))
+}
+
+/// The same chat loop over the resilient client (hardened servers):
+/// reconnects, resumes, retries, and reports refusals.
+async fn hardened(args: Args, options: Options, interactive: bool) -> anyhow::Result<()> {
+    use im_client::resilient::{Resilience, Resilient, ResilientEvent, tcp_dial};
+    let dial = tcp_dial(&args.url)?;
+    let mut client = Resilient::start(dial, options, Resilience::default());
+    // Wait for the first login, so a refused token fails loudly.
+    loop {
+        match client.next_event().await {
+            Some(ResilientEvent::Connected { conn_id }) => {
+                if interactive {
+                    eprintln!(
+                        "logged in as {} (connection {conn_id}). Type `TO_USER_ID TEXT`, Ctrl-D to quit.",
+                        args.user
+                    );
+                }
+                break;
+            }
+            Some(ResilientEvent::ConnectFailed { error }) => {
+                anyhow::bail!("cannot log in: {error}")
+            }
+            Some(ResilientEvent::Stopped(cause))
+            | Some(ResilientEvent::Disconnected { cause, .. }) => {
+                anyhow::bail!("connection closed: {cause:?}")
+            }
+            Some(ResilientEvent::Event(_)) => {}
+            None => anyhow::bail!("client stopped"),
+        }
+    }
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    let mut next_id = 1u64;
+    let mut close_requested = false;
+    let linger = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(linger);
+    loop {
+        tokio::select! {
+            biased;
+            event = client.next_event() => match event {
+                Some(ResilientEvent::Event(Event::Delivered { from, text, .. })) => println!("{from} {text}"),
+                Some(ResilientEvent::Event(Event::SendResult { accepted: false, client_msg_id, reason })) => {
+                    eprintln!("message {client_msg_id} not sent: {reason}");
+                }
+                Some(ResilientEvent::Event(Event::ServerError { code, detail })) => eprintln!("server error {code}: {detail}"),
+                Some(ResilientEvent::Disconnected { cause, .. }) if !close_requested => eprintln!("disconnected ({cause:?}); reconnecting"),
+                Some(ResilientEvent::Stopped(CloseCause::ByUser)) | None => return Ok(()),
+                Some(ResilientEvent::Stopped(cause)) => anyhow::bail!("connection closed: {cause:?}"),
+                Some(_) => {}
+            },
+            line = lines.next_line(), if stdin_open => match line.context("reading stdin")? {
+                Some(line) => {
+                    let line = line.trim();
+                    if line.is_empty() {
+                        continue;
+                    }
+                    match parse_line(line) {
+                        Some((to, text)) => {
+                            client.send(to, text, next_id).await?;
+                            next_id += 1;
+                        }
+                        None => eprintln!("expected `TO_USER_ID TEXT`, got {line:?}"),
+                    }
+                }
+                None => {
+                    stdin_open = false;
+                    linger.as_mut().reset(tokio::time::Instant::now() + args.linger);
+                }
+            },
+            _ = &mut linger, if !close_requested => {
+                close_requested = true;
+                client.close().await?;
+            }
+        }
+    }
 }

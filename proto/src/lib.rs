@@ -18,7 +18,20 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/im.rs"));
 }
 
+pub mod token;
+
 pub use pb::envelope::Body;
+
+/// WebSocket close codes of the hardened profile (4000-4999 are for
+/// applications).
+pub mod close_code {
+    /// A newer connection of the same device took over; do not reconnect.
+    pub const SUPERSEDED: u16 = 4001;
+    /// The connection's outbound queue overflowed (a slow consumer).
+    pub const SLOW_CONSUMER: u16 = 4002;
+    /// Nothing was heard for the heartbeat timeout.
+    pub const HEARTBEAT_TIMEOUT: u16 = 4003;
+}
 
 /// The WebSocket endpoint path.
 pub const WS_PATH: &str = "/ws";

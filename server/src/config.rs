@@ -21,16 +21,26 @@ pub enum Profile {
     /// The seed's final fix as written: full cleanup by user id (close,
     /// delete, SREM), no probe, removal when a push write fails.
     Phase3,
+    /// imsim's design: per-connection identity and leases, heartbeats on
+    /// their own timer, a stored inbox with sequence numbers, acks and
+    /// resume, cross-node doorbells, signed tokens. See ARCHITECTURE.md.
+    Hardened,
 }
 
 impl Profile {
-    pub const ALL: [Profile; 3] = [Profile::Phase1, Profile::Phase2, Profile::Phase3];
+    pub const ALL: [Profile; 4] = [
+        Profile::Phase1,
+        Profile::Phase2,
+        Profile::Phase3,
+        Profile::Hardened,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Profile::Phase1 => "phase1",
             Profile::Phase2 => "phase2",
             Profile::Phase3 => "phase3",
+            Profile::Hardened => "hardened",
         }
     }
 
@@ -38,19 +48,28 @@ impl Profile {
     pub fn switches(self) -> Switches {
         match self {
             Profile::Phase1 => Switches {
+                hardened: false,
                 full_cleanup: false,
                 probe_before_push: false,
                 remove_on_push_error: false,
             },
             Profile::Phase2 => Switches {
+                hardened: false,
                 full_cleanup: false,
                 probe_before_push: true,
                 remove_on_push_error: false,
             },
             Profile::Phase3 => Switches {
+                hardened: false,
                 full_cleanup: true,
                 probe_before_push: false,
                 remove_on_push_error: true,
+            },
+            Profile::Hardened => Switches {
+                hardened: true,
+                full_cleanup: false,
+                probe_before_push: false,
+                remove_on_push_error: false,
             },
         }
     }
@@ -64,7 +83,7 @@ impl fmt::Display for Profile {
 
 /// An unknown profile name.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown server profile {0:?} (expected one of: phase1, phase2, phase3)")]
+#[error("unknown server profile {0:?} (expected one of: phase1, phase2, phase3, hardened)")]
 pub struct UnknownProfile(pub String);
 
 impl FromStr for Profile {
@@ -81,6 +100,9 @@ impl FromStr for Profile {
 /// connection by user id, as the seed's `RemoveWebSocketConnection(userID)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Switches {
+    /// The hardened design replaces the seed's whole connection model
+    /// (`hardened.rs`); the seed's switches below are then all off.
+    pub hardened: bool,
     /// `RemoveWebSocketConnection(userID)` closes the user's registered
     /// connection, deletes the local entry and does `SREM online_users`.
     /// Off: it deletes the local entry only (phase 1 and 2).
@@ -146,11 +168,64 @@ impl Default for Limits {
     }
 }
 
+/// The hardened profile's timers and bounds, with the reasons for the
+/// defaults in ARCHITECTURE.md.
+#[derive(Clone, Copy, Debug)]
+pub struct Hardened {
+    /// How often each side sends a Heartbeat, and how often a connection's
+    /// presence lease is refreshed.
+    pub heartbeat_interval: Duration,
+    /// A connection silent this long is closed (4003) and cleaned up: a
+    /// half-open connection is detected within this bound.
+    pub heartbeat_timeout: Duration,
+    /// A presence lease lives this long unless refreshed; a crashed node's
+    /// users go offline by themselves within it.
+    pub lease_ttl: Duration,
+    /// Messages kept per inbox; older ones are dropped (oldest first) and a
+    /// device resuming from before the window gets what is left.
+    pub inbox_len_max: u64,
+    /// Inbox messages read per Redis round trip.
+    pub inbox_page_len: usize,
+    /// How long a (sender, client_msg_id) is remembered for dedup.
+    pub dedup_ttl: Duration,
+}
+
+impl Default for Hardened {
+    fn default() -> Self {
+        Hardened {
+            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(25),
+            lease_ttl: Duration::from_secs(30),
+            inbox_len_max: 1000,
+            inbox_page_len: 100,
+            dedup_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Unix time in milliseconds. Injected, so the simulation can give its own.
+pub type UnixClock = std::sync::Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The wall clock, for production. The only wall-clock read in the server.
+pub fn system_clock() -> UnixClock {
+    std::sync::Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    })
+}
+
 /// What one server node runs with.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Config {
     pub profile: Profile,
     pub limits: Limits,
+    pub hardened: Hardened,
+    /// Secret for login tokens (hardened; required there).
+    pub auth_secret: Option<Vec<u8>>,
+    /// Unix time for token expiry and lease scores.
+    pub clock: UnixClock,
     /// Prepended to every Redis key (empty by default, so the seed's set is
     /// literally `online_users`).
     pub key_prefix: String,
@@ -163,14 +238,36 @@ impl Config {
         Config {
             profile,
             limits: Limits::default(),
+            hardened: Hardened::default(),
+            auth_secret: None,
+            clock: system_clock(),
             key_prefix: String::new(),
             node: "node1".to_owned(),
         }
     }
 
+    /// A key of one user's, with a hash tag so all of a user's keys share
+    /// one Redis Cluster slot (and no key names two users).
+    pub fn user_key(&self, user: im_proto::UserId, what: &str) -> String {
+        format!("{}im:{{u:{}}}:{what}", self.key_prefix, user.0)
+    }
+
     /// The seed's presence set.
     pub fn online_users_key(&self) -> String {
         format!("{}online_users", self.key_prefix)
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("profile", &self.profile)
+            .field("limits", &self.limits)
+            .field("hardened", &self.hardened)
+            .field("auth_secret", &self.auth_secret.as_ref().map(|_| "<set>"))
+            .field("key_prefix", &self.key_prefix)
+            .field("node", &self.node)
+            .finish()
     }
 }
 
@@ -184,12 +281,14 @@ mod tests {
             assert_eq!(p.name().parse::<Profile>().unwrap(), p);
         }
         assert!("phase4".parse::<Profile>().is_err());
+        assert_eq!("hardened".parse::<Profile>().unwrap(), Profile::Hardened);
     }
 
     #[test]
     fn only_phase3_cleans_redis_and_only_phase2_probes() {
         let s: Vec<_> = Profile::ALL.iter().map(|p| p.switches()).collect();
         assert_eq!(s.iter().filter(|s| s.full_cleanup).count(), 1);
+        assert_eq!(s.iter().filter(|s| s.hardened).count(), 1);
         assert!(Profile::Phase3.switches().full_cleanup);
         assert!(Profile::Phase2.switches().probe_before_push);
         assert!(!Profile::Phase1.switches().probe_before_push);

@@ -22,6 +22,7 @@
 //! by supplying a turmoil [`Listener`] and [`Connector`].
 
 pub mod config;
+mod hardened;
 pub mod listener;
 pub mod metrics;
 pub mod presence;
@@ -57,6 +58,8 @@ pub struct Shared {
     connection_slots: Arc<Semaphore>,
     next_conn_id: AtomicU64,
     shutdown: watch::Receiver<bool>,
+    /// The hardened profile's state; `None` in the seed's phases.
+    hardened: Option<Arc<hardened::Node>>,
 }
 
 /// One server node. Build it, keep a clone for observing it (tests), and
@@ -70,12 +73,20 @@ pub struct Server {
 impl Server {
     pub fn new(config: Config, redis: RedisLink) -> Server {
         let (stop, stop_rx) = watch::channel(false);
+        let (redis, hardened) = if config.profile.switches().hardened {
+            let (redis, pushes) = redis.with_pushes(1024);
+            let node = hardened::Node::new((config.clock)(), pushes);
+            (redis, Some(Arc::new(node)))
+        } else {
+            (redis, None)
+        };
         let shared = Arc::new(Shared {
             online_users_key: config.online_users_key(),
             connection_slots: Arc::new(Semaphore::new(config.limits.connections_max)),
             next_conn_id: AtomicU64::new(1),
             registry: Registry::default(),
             shutdown: stop_rx,
+            hardened,
             redis,
             config,
         });
@@ -100,6 +111,10 @@ impl Server {
     pub async fn run<L: Listener>(self, mut listener: L, shutdown: impl Future<Output = ()>) {
         let shared = self.shared;
         tracing::info!(node = %shared.config.node, profile = %shared.config.profile, "server started");
+        let doorbells = shared
+            .hardened
+            .clone()
+            .map(|node| tokio::spawn(hardened::doorbells(shared.clone(), node)));
         let mut sessions = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -134,6 +149,9 @@ impl Server {
                 "connections still open after the grace period"
             );
             sessions.shutdown().await;
+        }
+        if let Some(task) = doorbells {
+            task.abort();
         }
         tracing::info!("server stopped");
     }

@@ -19,9 +19,13 @@ struct Args {
     /// Redis URL (redis://host:port/db).
     #[arg(long, default_value = "redis://127.0.0.1:6379/")]
     redis: String,
-    /// Behaviour: phase1, phase2, phase3 (the seed's history).
-    #[arg(long, default_value = "phase3")]
+    /// Behaviour: hardened (imsim's design), or phase1, phase2, phase3 (the
+    /// seed's history, bugs included).
+    #[arg(long, default_value = "hardened")]
     profile: Profile,
+    /// Secret for signed login tokens (required by the hardened profile).
+    #[arg(long)]
+    auth_secret: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -58,6 +62,12 @@ async fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("only redis:// over TCP is supported, not {other:?}"),
     };
     let mut config = Config::new(args.profile);
+    if args.profile.switches().hardened && args.auth_secret.is_none() {
+        anyhow::bail!(
+            "the hardened profile takes the user id from signed tokens: pass --auth-secret S"
+        );
+    }
+    config.auth_secret = args.auth_secret.map(String::into_bytes);
     config.key_prefix = args.key_prefix;
     config.node = args.node;
     config.limits.connections_max = args.max_connections;

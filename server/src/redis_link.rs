@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, FromRedisValue, RedisConnectionInfo};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::listener::Connector;
@@ -39,12 +39,29 @@ struct State {
     backoff: Duration,
 }
 
+/// Forwards RESP3 pushes (pub/sub messages) into a bounded queue. A full
+/// queue drops the push: they are doorbells, and whoever reads them polls
+/// the stored truth anyway.
+struct BoundedPushes(mpsc::Sender<redis::PushInfo>);
+
+impl redis::aio::AsyncPushSender for BoundedPushes {
+    fn send(&self, info: redis::PushInfo) -> Result<(), redis::aio::SendError> {
+        if self.0.try_send(info).is_err() {
+            tracing::debug!("push queue full; dropping a doorbell");
+        }
+        Ok(())
+    }
+}
+
 /// A self-healing Redis connection.
 pub struct RedisLink {
     connector: Connector,
     info: RedisConnectionInfo,
     timeout: Duration,
     state: Mutex<State>,
+    pushes: Option<mpsc::Sender<redis::PushInfo>>,
+    /// Bumped on every successful dial, so subscribers know to resubscribe.
+    generation: watch::Sender<u64>,
 }
 
 impl RedisLink {
@@ -59,7 +76,38 @@ impl RedisLink {
                 next_dial: None,
                 backoff: BACKOFF_MIN,
             }),
+            pushes: None,
+            generation: watch::Sender::new(0),
         }
+    }
+
+    /// Speaks RESP3 and forwards pub/sub pushes into a queue of `capacity`.
+    /// Subscriptions die with a connection: watch [`Self::generations`]
+    /// and subscribe again after each redial.
+    pub fn with_pushes(mut self, capacity: usize) -> (RedisLink, mpsc::Receiver<redis::PushInfo>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        self.info = self.info.set_protocol(redis::ProtocolVersion::RESP3);
+        self.pushes = Some(tx);
+        (self, rx)
+    }
+
+    /// Changes after every (re)connection to Redis.
+    pub fn generations(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// `SUBSCRIBE channel` on the current connection (RESP3 only).
+    pub async fn subscribe(&self, channel: &str) -> Result<(), RedisError> {
+        let mut conn = self.connection().await?;
+        let r = conn.subscribe(channel).await;
+        self.on_reply(r).await
+    }
+
+    /// `UNSUBSCRIBE channel` on the current connection.
+    pub async fn unsubscribe(&self, channel: &str) -> Result<(), RedisError> {
+        let mut conn = self.connection().await?;
+        let r = conn.unsubscribe(channel).await;
+        self.on_reply(r).await
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
@@ -79,6 +127,7 @@ impl RedisLink {
                 state.conn = Some(conn.clone());
                 state.next_dial = None;
                 state.backoff = BACKOFF_MIN;
+                self.generation.send_modify(|g| *g += 1);
                 Ok(conn)
             }
             Err(e) => {
@@ -95,7 +144,10 @@ impl RedisLink {
             .await
             .map_err(|_| RedisError::ConnectTimeout(self.timeout))?
             .map_err(RedisError::Connect)?;
-        let config = AsyncConnectionConfig::new().set_response_timeout(Some(self.timeout));
+        let mut config = AsyncConnectionConfig::new().set_response_timeout(Some(self.timeout));
+        if let Some(tx) = &self.pushes {
+            config = config.set_push_sender(BoundedPushes(tx.clone()));
+        }
         let handshake = MultiplexedConnection::new_with_config(&self.info, stream, config);
         let (conn, driver) = tokio::time::timeout(self.timeout, handshake)
             .await

@@ -100,6 +100,8 @@ struct Session {
     conn_id: ConnId,
     handle: ConnHandle,
     user: Option<UserId>,
+    /// Set once a hardened login succeeded.
+    attached: Option<crate::hardened::Attached>,
 }
 
 /// What the read loop decided after one frame.
@@ -129,25 +131,41 @@ impl Session {
             conn_id,
             handle,
             user: None,
+            attached: None,
         };
         tracing::info!(%peer, "connection opened");
 
         let mut closing = closing_rx;
         let mut shutdown = shared.shutdown.clone();
+        let hardened = shared.config.profile.switches().hardened;
+        let h = shared.config.hardened;
+        let mut heartbeat = tokio::time::interval_at(
+            tokio::time::Instant::now() + h.heartbeat_interval,
+            h.heartbeat_interval,
+        );
         let cause = loop {
-            let idle = if session.user.is_some() {
-                limits.read_idle_timeout
-            } else {
-                limits.login_timeout
+            let idle = match (session.user.is_some(), hardened) {
+                (false, _) => limits.login_timeout,
+                (true, false) => limits.read_idle_timeout,
+                (true, true) => h.heartbeat_timeout,
             };
             let frame = tokio::select! {
                 biased;
                 _ = closing.changed() => break EndCause::Kicked,
                 _ = shutdown.changed() => {
-                    session.handle.close(Closing::Frame(close_frame(CloseCode::Away, "server shutting down")));
+                    let frame = if hardened {
+                        close_frame(CloseCode::Restart, "node draining; reconnect")
+                    } else {
+                        close_frame(CloseCode::Away, "server shutting down")
+                    };
+                    session.handle.close(Closing::Frame(frame));
                     break EndCause::Shutdown;
                 }
                 _ = &mut writer => break EndCause::WriteFailed,
+                _ = heartbeat.tick(), if session.attached.is_some() => {
+                    session.heartbeat().await;
+                    continue;
+                }
                 frame = tokio::time::timeout(idle, stream.next()) => frame,
             };
             let step = match frame {
@@ -157,9 +175,15 @@ impl Session {
                     "no login within the login timeout",
                 ),
                 Err(_) => {
-                    session
-                        .handle
-                        .close(Closing::Frame(close_frame(CloseCode::Away, "idle timeout")));
+                    let frame = if hardened {
+                        crate::hardened::close(
+                            im_proto::close_code::HEARTBEAT_TIMEOUT,
+                            "heartbeat timeout",
+                        )
+                    } else {
+                        Closing::Frame(close_frame(CloseCode::Away, "idle timeout"))
+                    };
+                    session.handle.close(frame);
                     Step::End(EndCause::IdleTimeout)
                 }
                 Ok(None) => Step::End(EndCause::ConnectionLost("stream ended".into())),
@@ -179,7 +203,11 @@ impl Session {
         {
             writer.abort();
         }
-        if let Some(user) = session.user {
+        if let Some(attached) = session.attached.take() {
+            if let Some(node) = &session.shared.hardened {
+                crate::hardened::logout(&session.shared, node, session.conn_id, attached).await;
+            }
+        } else if let Some(user) = session.user {
             session.shared.remove_websocket_connection(user).await;
         }
     }
@@ -250,8 +278,21 @@ impl Session {
                 self.send(from, send).await;
                 Step::Continue
             }
-            // The seed's system had no acks or heartbeats.
-            (Some(_), Body::Ack(_) | Body::Heartbeat(_)) => Step::Continue,
+            (Some(_), Body::Ack(ack)) => {
+                self.ack(ack);
+                Step::Continue
+            }
+            (Some(_), Body::Heartbeat(hb)) => {
+                // The seed's system had no heartbeats; hardened answers them.
+                if self.attached.is_some() && !hb.reply {
+                    let answer = Body::Heartbeat(pb::Heartbeat {
+                        nonce: hb.nonce,
+                        reply: true,
+                    });
+                    let _ = self.handle.write_nowait(frame(answer));
+                }
+                Step::Continue
+            }
             (
                 Some(_),
                 Body::LoginOk(_) | Body::SendResult(_) | Body::Deliver(_) | Body::Error(_),
@@ -264,6 +305,27 @@ impl Session {
     }
 
     async fn login(&mut self, login: pb::Login) -> Step {
+        if let Some(node) = self.shared.hardened.clone() {
+            return match crate::hardened::login(
+                &self.shared,
+                &node,
+                self.conn_id,
+                &self.handle,
+                login,
+            )
+            .await
+            {
+                Ok((attached, ok)) => {
+                    tracing::Span::current().record("user_id", attached.user.0);
+                    self.user = Some(attached.user);
+                    self.handle = self.handle.clone().for_user(attached.user);
+                    self.attached = Some(attached);
+                    let _ = self.handle.write_nowait(frame(Body::LoginOk(ok)));
+                    Step::Continue
+                }
+                Err((error, close, detail)) => self.refuse(close, error, &detail),
+            };
+        }
         if login.user_id == 0 {
             return self.refuse(
                 CloseCode::Policy,
@@ -291,6 +353,11 @@ impl Session {
         let id = send.client_msg_id;
         let reply = if send.to_user_id == 0 {
             msg::rejected(id, "unknown recipient 0")
+        } else if let Some(node) = &self.shared.hardened {
+            match crate::hardened::store(&self.shared, node, from, &send).await {
+                Ok(seq) => msg::accepted(id, seq),
+                Err(e) => msg::rejected(id, format!("unavailable, retry: {e}")),
+            }
         } else {
             let deliver = Body::Deliver(pb::Deliver {
                 from_user_id: from.0,
@@ -309,6 +376,41 @@ impl Session {
         };
         if let Err(e) = self.handle.write_nowait(frame(reply)) {
             tracing::warn!(error = %e, "could not queue the send result for the sender");
+        }
+    }
+}
+
+impl Session {
+    /// Hardened: an acknowledgement must name something already pushed.
+    fn ack(&mut self, ack: pb::Ack) {
+        let Some(attached) = &self.attached else {
+            return;
+        };
+        let pushed = attached.pushed.load(std::sync::atomic::Ordering::Relaxed);
+        if ack.seq > pushed {
+            let detail = format!("ack for seq {} but only {pushed} was sent", ack.seq);
+            tracing::warn!(detail, "bogus ack");
+            let _ = self
+                .handle
+                .write_nowait(frame(msg::error(ErrorCode::BadSequence, detail)));
+        }
+    }
+
+    /// Hardened: a heartbeat to the client and a lease refresh.
+    async fn heartbeat(&mut self) {
+        let Some(attached) = &mut self.attached else {
+            return;
+        };
+        attached.heartbeat_nonce += 1;
+        let beat = Body::Heartbeat(pb::Heartbeat {
+            nonce: attached.heartbeat_nonce,
+            reply: false,
+        });
+        let _ = self.handle.write_nowait(frame(beat));
+        if let Err(e) =
+            crate::hardened::refresh_lease(&self.shared, attached.user, &attached.key).await
+        {
+            tracing::warn!(error = %e, "lease refresh failed");
         }
     }
 }

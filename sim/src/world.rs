@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
+use im_client::resilient::{Dial, Resilience, Resilient, ResilientEvent};
 use im_client::{Client, ClientProfile, Event as ClientEvent, Options};
 use im_proto::UserId;
 use im_server::listener::BoxStream;
@@ -68,6 +69,16 @@ fn turmoil_redis_connector() -> Connector {
             Ok(Box::new(stream) as BoxStream)
         })
     })
+}
+
+/// The secret the simulated nodes sign and check login tokens with.
+pub const AUTH_SECRET: &[u8] = b"imsim-simulation-secret";
+
+/// Unix time in the simulation (the pinned epoch plus simulated time).
+pub fn unix_ms() -> u64 {
+    turmoil::since_epoch()
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Simulated time since the run began, as seen from inside a host.
@@ -173,6 +184,8 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tapped<S> {
 struct AgentCtx {
     user: u64,
     profile: ClientProfile,
+    /// The node the user's device dials (hardened clients redial it).
+    home: Arc<AtomicU64>,
     connect_timeout: Duration,
     mailbox: Mailbox,
     activity: Arc<Activity>,
@@ -335,6 +348,157 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
     }
 }
 
+/// A user's device running the resilient (hardened) client: it keeps
+/// itself connected; the driver only says where and when to start, stop or
+/// redial. A vanish is the network going silent: the app stays, notices by
+/// heartbeat timeout, and redials by itself.
+async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
+    let mut client: Option<Resilient> = None;
+    let mut conn = 0u64;
+    loop {
+        let cmd = ctx.mailbox.queue.borrow_mut().pop_front();
+        if let Some(cmd) = cmd {
+            match cmd {
+                Cmd::Connect { node } => {
+                    ctx.home.store(node, Ordering::Relaxed);
+                    match &client {
+                        Some(c) => {
+                            let _ = c.reconnect().await;
+                        }
+                        None => client = Some(start_resilient(&ctx)),
+                    }
+                }
+                Cmd::Close => {
+                    if let Some(c) = &client {
+                        let _ = c.close().await;
+                    }
+                }
+                Cmd::Abort => {}
+                Cmd::Send {
+                    key,
+                    to,
+                    text,
+                    probe,
+                } => match &client {
+                    Some(c) => {
+                        ctx.record(Event::Sent {
+                            key,
+                            to,
+                            text: text.clone(),
+                            probe,
+                        });
+                        let _ = c.send(UserId(to), &text, key.id).await;
+                    }
+                    None => ctx.record(Event::SendFailed {
+                        key,
+                        to,
+                        text,
+                        reason: "not started".into(),
+                        probe,
+                    }),
+                },
+                Cmd::PauseReading(p) => {
+                    if let Some(c) = &client {
+                        let _ = c.pause_reading(p).await;
+                    }
+                }
+            }
+            continue;
+        }
+        let event = tokio::select! {
+            biased;
+            _ = ctx.mailbox.notify.notified() => continue,
+            event = async {
+                match &mut client {
+                    Some(c) => c.next_event().await,
+                    None => std::future::pending().await,
+                }
+            } => event,
+        };
+        let node = ctx.home.load(Ordering::Relaxed);
+        match event {
+            Some(ResilientEvent::Connected { conn_id }) => {
+                conn = conn_id;
+                ctx.record(Event::Connected {
+                    user: ctx.user,
+                    node,
+                    conn,
+                });
+            }
+            Some(ResilientEvent::Disconnected { conn_id, cause }) => ctx.record(Event::Closed {
+                user: ctx.user,
+                conn: conn_id,
+                cause: format!("{cause:?}"),
+            }),
+            Some(ResilientEvent::ConnectFailed { error }) => ctx.record(Event::ConnectFailed {
+                user: ctx.user,
+                node,
+                error,
+            }),
+            Some(ResilientEvent::Event(ClientEvent::Delivered {
+                from,
+                text,
+                client_msg_id,
+                ..
+            })) => ctx.record(Event::Delivered {
+                to: ctx.user,
+                conn,
+                key: MsgKey {
+                    from: from.0,
+                    id: client_msg_id,
+                },
+                text,
+            }),
+            Some(ResilientEvent::Event(ClientEvent::SendResult {
+                client_msg_id,
+                accepted,
+                reason,
+            })) => ctx.record(Event::SendResult {
+                key: MsgKey {
+                    from: ctx.user,
+                    id: client_msg_id,
+                },
+                accepted,
+                reason,
+            }),
+            Some(ResilientEvent::Event(ClientEvent::ServerError { code, detail })) => {
+                ctx.record(Event::ServerError {
+                    user: ctx.user,
+                    code,
+                    detail,
+                })
+            }
+            Some(ResilientEvent::Event(ClientEvent::Closed(_))) => {}
+            Some(ResilientEvent::Stopped(_)) | None => client = None,
+        }
+    }
+}
+
+fn start_resilient(ctx: &AgentCtx) -> Resilient {
+    let home = ctx.home.clone();
+    let activity = ctx.activity.clone();
+    let dial: Dial = Arc::new(move || {
+        let node = home.load(Ordering::Relaxed);
+        let activity = activity.clone();
+        Box::pin(async move {
+            let tcp = turmoil::net::TcpStream::connect((format!("node{node}"), WS_PORT)).await?;
+            activity
+                .last_ms
+                .store(now().as_millis() as u64, Ordering::Relaxed);
+            Ok(Box::new(Tapped {
+                inner: tcp,
+                activity,
+            }) as Box<dyn im_client::resilient::Stream>)
+        })
+    });
+    let user = UserId(ctx.user);
+    let mut options = Options::new(user, "ws://imsim/ws");
+    options.token = im_proto::token::mint(AUTH_SECRET, user, unix_ms() / 1000 + 86_400);
+    options.device = "phone".into();
+    options.login_timeout = ctx.connect_timeout;
+    Resilient::start(dial, options, Resilience::default())
+}
+
 /// Plays `scenario` with `seed` against `profile`; returns what happened.
 pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult, SimError> {
     let t = scenario.timeouts;
@@ -363,6 +527,8 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
         let mut config = Config::new(profile);
         config.node = format!("node{n}");
         config.limits.read_idle_timeout = t.idle.0;
+        config.auth_secret = Some(AUTH_SECRET.to_vec());
+        config.clock = Arc::new(unix_ms);
         sim.host(format!("node{n}"), move || {
             let config = config.clone();
             async move {
@@ -384,13 +550,18 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
         let ctx = Rc::new(AgentCtx {
             user,
             profile: client_profile,
+            home: Arc::new(AtomicU64::new(1)),
             connect_timeout: t.connect.0,
             mailbox: Mailbox::default(),
             activity: Arc::new(Activity::default()),
             history: history.clone(),
         });
         agents.insert(user, ctx.clone());
-        sim.host(format!("user{user}"), move || agent(ctx.clone()));
+        if profile.switches().hardened {
+            sim.host(format!("user{user}"), move || hardened_agent(ctx.clone()));
+        } else {
+            sim.host(format!("user{user}"), move || agent(ctx.clone()));
+        }
     }
 
     let mut driver = Driver {
@@ -421,6 +592,9 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
     driver.phase("quiescence");
     let redis_online = if driver.redis_down {
         None
+    } else if profile.switches().hardened {
+        let now_ms = 1_700_000_000_000 + driver.sim.elapsed().as_millis() as u64;
+        Some(lease_holders(&redis, now_ms))
     } else {
         Some(
             redis
@@ -457,6 +631,30 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
     })
 }
 
+/// Users holding at least one unexpired presence lease (hardened schema:
+/// `im:{u:ID}:conns`, members scored by expiry in unix ms).
+fn lease_holders(redis: &SharedRedis, now_ms: u64) -> BTreeSet<u64> {
+    let mut online = BTreeSet::new();
+    for (key, snap) in redis.snapshot() {
+        let Ok(key) = std::str::from_utf8(&key) else {
+            continue;
+        };
+        let Some(user) = key
+            .strip_prefix("im:{u:")
+            .and_then(|k| k.strip_suffix("}:conns"))
+            .and_then(|id| id.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if let redis_model::Value::ZSet(members) = snap.value
+            && members.iter().any(|(_, expires)| *expires > now_ms as f64)
+        {
+            online.insert(user);
+        }
+    }
+    online
+}
+
 /// Users whose last story step leaves them connected.
 fn intended_online(scenario: &Scenario) -> BTreeSet<u64> {
     let mut online = BTreeMap::new();
@@ -486,7 +684,9 @@ fn merge_presence_writes(history: &mut History, redis: &SharedRedis) {
             continue;
         };
         let name = String::from_utf8_lossy(name).to_ascii_uppercase();
-        if !matches!(name.as_str(), "SADD" | "SREM") {
+        let lease = matches!(name.as_str(), "ZADD" | "ZREM")
+            && cmd.args.get(1).is_some_and(|k| k.ends_with(b":conns"));
+        if !(matches!(name.as_str(), "SADD" | "SREM") || lease) || cmd.failed {
             continue;
         }
         let text = cmd
@@ -606,18 +806,15 @@ impl Driver<'_> {
             }
             Action::Reconnect { user, node } => {
                 let old = self.home[user];
-                let a = format!("user{user}");
-                let stale: Vec<_> = self
-                    .partitions
-                    .iter()
-                    .filter(|(x, y)| *x == a || *y == a)
-                    .cloned()
-                    .collect();
-                for (x, y) in stale {
-                    self.fault(format!("heal {x} <-> {y} (user reconnects)"));
-                    self.repair(x, y);
-                }
                 let node = node.unwrap_or(old);
+                // The path to the node it reconnects to works again; a path
+                // to another node stays as it is (the old connection there
+                // stays half-open).
+                let pair = ordered(format!("user{user}"), format!("node{node}"));
+                if self.partitions.contains(&pair) {
+                    self.fault(format!("heal {} <-> {} (user reconnects)", pair.0, pair.1));
+                    self.repair(pair.0, pair.1);
+                }
                 self.home.insert(*user, node);
                 self.agents[user].mailbox.post(Cmd::Connect { node });
             }

@@ -5,9 +5,11 @@
 //! - `support`: start a server node, connect clients, wait for events.
 //! - `seed_checklist`: the post-mortem's success criteria against phase 3,
 //!   and phase 1's known bug.
+//! - `hardened`: tokens, supersede, offline inbox, hostile acks and resumes.
 //! - `bad_input`: every kind of malformed input gets its error or close
 //!   code, and other connections are not hurt.
 
 mod bad_input;
+mod hardened;
 mod seed_checklist;
 mod support;

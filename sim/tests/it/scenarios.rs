@@ -46,3 +46,33 @@ fn phase3_survives_the_seeds_own_tests_with_any_seed() {
         assert!(outcome.passed(), "seed {seed}:\n{}", outcome.report());
     }
 }
+
+#[test]
+fn the_late_cleanup_and_vanish_stories_break_phase3_but_not_hardened() {
+    for name in [
+        "hardened_late_cleanup_of_old_connection",
+        "hardened_vanish_and_reconnect_at_several_points",
+    ] {
+        let scenario =
+            Scenario::load(&crate::scenarios_dir().join(format!("{name}.toml"))).unwrap();
+        let hardened = run_scenario(&scenario, RunOptions::default()).unwrap();
+        assert!(
+            hardened.violated().is_empty(),
+            "{name} under hardened:\n{}",
+            hardened.report()
+        );
+        let phase3 = run_scenario(
+            &scenario,
+            RunOptions {
+                profile: Some(im_server::Profile::Phase3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            phase3.violated().contains(&im_sim::Invariant::Liveness),
+            "{name} should break the seed's fix:\n{}",
+            phase3.report()
+        );
+    }
+}

@@ -1,0 +1,562 @@
+//! The hardened profile: what the seed's fix lacks.
+//!
+//! - Identity: every connection has its own key (`node/incarnation/conn/
+//!   device`); cleanup touches exactly its own connection, locally and in
+//!   Redis. A newer connection of the same device supersedes the older one
+//!   (close 4001), on this node directly and on others by a doorbell.
+//! - Presence: a lease per connection, a member of the user's sorted set
+//!   `im:{u:ID}:conns` scored by its expiry (unix ms), refreshed by its
+//!   holder every heartbeat interval, removed by its holder at the end. A
+//!   crashed node's leases run out by themselves. No global set.
+//! - Delivery: "sent" means stored in the recipient's inbox
+//!   `im:{u:ID}:inbox` at a sequence number from `im:{u:ID}:seq`. Each
+//!   connection has a pump that pushes everything after its cursor (the
+//!   device's resume point at login), woken by a doorbell (pub/sub on
+//!   `im:{u:ID}:bell`, or directly on this node) and by a poll every
+//!   heartbeat interval, since doorbells may be lost. Retries are
+//!   deduplicated by `im:{u:ID}:dedup:FROM:CLIENT_MSG_ID`.
+//! - Every key names one user and carries the `{u:ID}` hash tag, so the
+//!   same code runs on Redis Cluster; no command spans two users.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use im_proto::pb::{self, ErrorCode};
+use im_proto::{Body, ConnId, UserId};
+use prost::Message as _;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::Shared;
+use crate::redis_link::RedisError;
+use crate::registry::{Closing, ConnHandle, WriteError};
+
+use im_proto::close_code;
+
+pub(crate) fn close(code: u16, reason: &str) -> Closing {
+    Closing::Frame(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    })
+}
+
+/// One local connection.
+struct Entry {
+    user: UserId,
+    device: String,
+    key: String,
+    handle: ConnHandle,
+    wake: Arc<Notify>,
+}
+
+/// This node's connections, by id and by user.
+#[derive(Default)]
+struct Conns {
+    by_id: BTreeMap<ConnId, Entry>,
+    by_user: BTreeMap<UserId, BTreeSet<ConnId>>,
+}
+
+/// The hardened profile's per-node state.
+pub(crate) struct Node {
+    conns: Mutex<Conns>,
+    /// Distinguishes this run of the node from earlier ones (conn ids
+    /// restart at 1 after a restart; lease members must not collide).
+    incarnation: u64,
+    pushes: Mutex<Option<mpsc::Receiver<redis::PushInfo>>>,
+}
+
+impl Node {
+    pub(crate) fn new(incarnation: u64, pushes: mpsc::Receiver<redis::PushInfo>) -> Node {
+        Node {
+            conns: Mutex::new(Conns::default()),
+            incarnation,
+            pushes: Mutex::new(Some(pushes)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Conns> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What a logged-in hardened connection keeps in its session.
+pub(crate) struct Attached {
+    pub user: UserId,
+    pub key: String,
+    /// Highest sequence pushed to this connection (acks above it are bogus).
+    pub pushed: Arc<AtomicU64>,
+    pub pump: tokio::task::JoinHandle<()>,
+    pub heartbeat_nonce: u64,
+}
+
+/// Why a hardened login was refused: error code, close code, detail.
+pub(crate) type Refusal = (ErrorCode, CloseCode, String);
+
+/// Authenticates, registers, leases, subscribes, and starts the pump.
+pub(crate) async fn login(
+    shared: &Arc<Shared>,
+    node: &Node,
+    conn_id: ConnId,
+    handle: &ConnHandle,
+    login: pb::Login,
+) -> Result<(Attached, pb::LoginOk), Refusal> {
+    let cfg = &shared.config;
+    let secret = cfg.auth_secret.as_deref().unwrap_or_default();
+    let now_s = (cfg.clock)() / 1000;
+    let user = im_proto::token::verify(secret, &login.token, now_s).map_err(|e| {
+        (
+            ErrorCode::Unauthorized,
+            CloseCode::Policy,
+            format!("login refused: {e}"),
+        )
+    })?;
+    let device = if login.device_id.is_empty() {
+        "default".to_owned()
+    } else {
+        login.device_id.clone()
+    };
+    let unavailable = |e: RedisError| {
+        (
+            ErrorCode::Unavailable,
+            CloseCode::Again,
+            format!("storage unavailable: {e}"),
+        )
+    };
+    let last: u64 = shared
+        .redis
+        .query_pipe::<(u64,)>(
+            &seq_start(shared, user)
+                .cmd("GET")
+                .arg(cfg.user_key(user, "seq"))
+                .clone(),
+        )
+        .await
+        .map_err(unavailable)?
+        .0;
+    if login.resume_after_seq > last {
+        return Err((
+            ErrorCode::BadSequence,
+            CloseCode::Policy,
+            format!(
+                "resume point {} is after the inbox's last message {last}",
+                login.resume_after_seq
+            ),
+        ));
+    }
+    let key = format!("{}/{}/{}/{device}", cfg.node, node.incarnation, conn_id.0);
+    let handle = handle.clone().for_user(user);
+    let wake = Arc::new(Notify::new());
+    let (superseded, first_here) = {
+        let mut conns = node.lock();
+        let mine: Vec<ConnId> = conns
+            .by_user
+            .get(&user)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        let first_here = mine.is_empty();
+        let superseded: Vec<ConnHandle> = mine
+            .iter()
+            .filter_map(|id| conns.by_id.get(id))
+            .filter(|e| e.device == device)
+            .map(|e| e.handle.clone())
+            .collect();
+        conns.by_user.entry(user).or_default().insert(conn_id);
+        conns.by_id.insert(
+            conn_id,
+            Entry {
+                user,
+                device: device.clone(),
+                key: key.clone(),
+                handle: handle.clone(),
+                wake: wake.clone(),
+            },
+        );
+        (superseded, first_here)
+    };
+    for old in superseded {
+        tracing::info!(
+            old_conn_id = old.conn_id.0,
+            "superseded by a newer connection of the same device"
+        );
+        old.close(close(
+            close_code::SUPERSEDED,
+            "superseded by a newer connection",
+        ));
+    }
+    if first_here && let Err(e) = shared.redis.subscribe(&cfg.user_key(user, "bell")).await {
+        tracing::warn!(error = %e, "subscribe failed; the inbox poll will cover");
+    }
+    if let Err(e) = refresh_lease(shared, user, &key).await {
+        tracing::warn!(error = %e, "presence lease not written; the next refresh retries");
+    }
+    let bell = redis::cmd("PUBLISH")
+        .arg(cfg.user_key(user, "bell"))
+        .arg(format!("supersede {device} {key}"))
+        .clone();
+    if let Err(e) = shared.redis.query::<i64>(&bell).await {
+        tracing::warn!(error = %e, "could not announce the new connection to other nodes");
+    }
+    let pushed = Arc::new(AtomicU64::new(login.resume_after_seq));
+    let pump = tokio::spawn(pump(shared.clone(), user, handle, wake, pushed.clone()));
+    let h = cfg.hardened;
+    let ok = pb::LoginOk {
+        conn_id: conn_id.0,
+        user_id: user.0,
+        heartbeat_interval_ms: h.heartbeat_interval.as_millis() as u32,
+        heartbeat_timeout_ms: h.heartbeat_timeout.as_millis() as u32,
+        inbox_last_seq: last,
+    };
+    tracing::info!(
+        user = user.0,
+        device,
+        key,
+        resume_after = login.resume_after_seq,
+        "hardened login"
+    );
+    Ok((
+        Attached {
+            user,
+            key,
+            pushed,
+            pump,
+            heartbeat_nonce: 0,
+        },
+        ok,
+    ))
+}
+
+/// Writes (or rewrites, after Redis lost its data) this connection's lease.
+pub(crate) async fn refresh_lease(
+    shared: &Shared,
+    user: UserId,
+    key: &str,
+) -> Result<(), RedisError> {
+    let cfg = &shared.config;
+    let ttl = cfg.hardened.lease_ttl;
+    let expires = (cfg.clock)() + ttl.as_millis() as u64;
+    let conns = cfg.user_key(user, "conns");
+    let pipe = redis::pipe()
+        .cmd("ZADD")
+        .arg(&conns)
+        .arg(expires)
+        .arg(key)
+        .ignore()
+        .cmd("ZREMRANGEBYSCORE")
+        .arg(&conns)
+        .arg("-inf")
+        .arg((cfg.clock)())
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(&conns)
+        .arg(ttl.as_millis() as u64 * 2)
+        .ignore()
+        .clone();
+    shared.redis.query_pipe::<()>(&pipe).await
+}
+
+/// Ends a connection's presence: exactly its own lease and local entry.
+pub(crate) async fn logout(shared: &Shared, node: &Node, conn_id: ConnId, attached: Attached) {
+    attached.pump.abort();
+    let last_here = {
+        let mut conns = node.lock();
+        conns.by_id.remove(&conn_id);
+        let mine = conns.by_user.entry(attached.user).or_default();
+        mine.remove(&conn_id);
+        let empty = mine.is_empty();
+        if empty {
+            conns.by_user.remove(&attached.user);
+        }
+        empty
+    };
+    let cfg = &shared.config;
+    let zrem = redis::cmd("ZREM")
+        .arg(cfg.user_key(attached.user, "conns"))
+        .arg(&attached.key)
+        .clone();
+    match shared.redis.query::<i64>(&zrem).await {
+        Ok(_) => tracing::info!(key = attached.key, "lease removed"),
+        Err(e) => {
+            tracing::warn!(key = attached.key, error = %e, "lease not removed; it expires by itself")
+        }
+    }
+    if last_here
+        && let Err(e) = shared
+            .redis
+            .unsubscribe(&cfg.user_key(attached.user, "bell"))
+            .await
+    {
+        tracing::debug!(error = %e, "unsubscribe failed");
+    }
+}
+
+/// Stores a message in the recipient's inbox; returns its sequence number.
+/// A retry of an already stored (sender, client_msg_id) returns the
+/// original sequence without storing it again.
+pub(crate) async fn store(
+    shared: &Shared,
+    node: &Node,
+    from: UserId,
+    send: &pb::Send,
+) -> Result<u64, RedisError> {
+    let cfg = &shared.config;
+    let to = UserId(send.to_user_id);
+    let dedup = cfg.user_key(to, &format!("dedup:{}:{}", from.0, send.client_msg_id));
+    if let Some(seq) = shared
+        .redis
+        .query::<Option<u64>>(redis::cmd("GET").arg(&dedup))
+        .await?
+    {
+        tracing::info!(
+            to = to.0,
+            seq,
+            "duplicate send; answering with the stored sequence"
+        );
+        return Ok(seq);
+    }
+    let (seq,): (u64,) = shared
+        .redis
+        .query_pipe(
+            &seq_start(shared, to)
+                .cmd("INCR")
+                .arg(cfg.user_key(to, "seq"))
+                .clone(),
+        )
+        .await?;
+    let deliver = pb::Envelope {
+        body: Some(Body::Deliver(pb::Deliver {
+            from_user_id: from.0,
+            text: send.text.clone(),
+            client_msg_id: send.client_msg_id,
+            seq,
+        })),
+    }
+    .encode_to_vec();
+    let inbox = cfg.user_key(to, "inbox");
+    let h = cfg.hardened;
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .cmd("ZADD")
+        .arg(&inbox)
+        .arg(seq)
+        .arg(deliver)
+        .ignore();
+    if seq > h.inbox_len_max {
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&inbox)
+            .arg("-inf")
+            .arg(seq - h.inbox_len_max)
+            .ignore();
+    }
+    pipe.cmd("SET")
+        .arg(&dedup)
+        .arg(seq)
+        .arg("PX")
+        .arg(h.dedup_ttl.as_millis() as u64)
+        .ignore();
+    shared.redis.query_pipe::<()>(&pipe).await?;
+    // Doorbells: directly for this node, by pub/sub for the others.
+    ring_local(node, to);
+    if let Err(e) = shared
+        .redis
+        .query::<i64>(redis::cmd("PUBLISH").arg(cfg.user_key(to, "bell")).arg(seq))
+        .await
+    {
+        tracing::warn!(error = %e, "doorbell not published; other nodes poll");
+    }
+    Ok(seq)
+}
+
+/// Sequence numbers start from the clock (unix ms × 1000) when a user's
+/// counter is first created, so after Redis loses its data new numbers are
+/// still above every number handed out before: a device's resume point
+/// never lands in the future, and no message hides below a stale cursor.
+/// Returns a pipeline that sets the start if absent (its reply ignored).
+fn seq_start(shared: &Shared, user: UserId) -> redis::Pipeline {
+    let start = (shared.config.clock)().saturating_mul(1000);
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET")
+        .arg(shared.config.user_key(user, "seq"))
+        .arg(start)
+        .arg("NX")
+        .ignore();
+    pipe
+}
+
+fn ring_local(node: &Node, user: UserId) {
+    let conns = node.lock();
+    for id in conns.by_user.get(&user).into_iter().flatten() {
+        if let Some(e) = conns.by_id.get(id) {
+            e.wake.notify_one();
+        }
+    }
+}
+
+/// Pushes a connection everything in its user's inbox after its cursor,
+/// whenever woken, and at least every heartbeat interval.
+async fn pump(
+    shared: Arc<Shared>,
+    user: UserId,
+    handle: ConnHandle,
+    wake: Arc<Notify>,
+    pushed: Arc<AtomicU64>,
+) {
+    let cfg = &shared.config;
+    let inbox = cfg.user_key(user, "inbox");
+    let page = cfg.hardened.inbox_page_len;
+    loop {
+        let cursor = pushed.load(Ordering::Relaxed);
+        let cmd = redis::cmd("ZRANGEBYSCORE")
+            .arg(&inbox)
+            .arg(format!("({cursor}"))
+            .arg("+inf")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(page)
+            .clone();
+        match shared.redis.query::<Vec<Vec<u8>>>(&cmd).await {
+            Ok(members) => {
+                let full = members.len() == page;
+                for bytes in members {
+                    let seq = match im_proto::decode(&bytes) {
+                        Ok(Body::Deliver(d)) => d.seq,
+                        _ => {
+                            tracing::error!("corrupt inbox entry; skipping it");
+                            continue;
+                        }
+                    };
+                    match handle.write_nowait(Message::Binary(bytes.into())) {
+                        Ok(()) => pushed.store(seq, Ordering::Relaxed),
+                        Err(WriteError::QueueFull) => {
+                            tracing::warn!("slow consumer: outbound queue full; closing");
+                            handle.close(close(close_code::SLOW_CONSUMER, "slow consumer"));
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                if full {
+                    continue;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "inbox read failed; retrying later"),
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(cfg.hardened.heartbeat_interval) => {}
+        }
+    }
+}
+
+/// Handles doorbells from other nodes and resubscribes after Redis comes
+/// back. Runs for the node's life.
+pub(crate) async fn doorbells(shared: Arc<Shared>, node: Arc<Node>) {
+    let Some(mut pushes) = node.pushes.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        return;
+    };
+    let mut generations: watch::Receiver<u64> = shared.redis.generations();
+    generations.mark_unchanged();
+    loop {
+        tokio::select! {
+            biased;
+            changed = generations.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                resubscribe(&shared, &node).await;
+            }
+            push = pushes.recv() => match push {
+                Some(push) => on_push(&shared, &node, push),
+                None => return,
+            },
+        }
+    }
+}
+
+/// After a redial: subscriptions are gone and doorbells may have been
+/// missed, so subscribe again, re-lease, and wake every pump.
+async fn resubscribe(shared: &Shared, node: &Node) {
+    let (users, leases): (Vec<UserId>, Vec<(UserId, String)>) = {
+        let conns = node.lock();
+        (
+            conns.by_user.keys().copied().collect(),
+            conns
+                .by_id
+                .values()
+                .map(|e| (e.user, e.key.clone()))
+                .collect(),
+        )
+    };
+    tracing::info!(
+        users = users.len(),
+        "redis reconnected: resubscribing and re-leasing"
+    );
+    for user in &users {
+        if let Err(e) = shared
+            .redis
+            .subscribe(&shared.config.user_key(*user, "bell"))
+            .await
+        {
+            tracing::warn!(error = %e, "resubscribe failed");
+        }
+    }
+    for (user, key) in leases {
+        let _ = refresh_lease(shared, user, &key).await;
+    }
+    for user in users {
+        ring_local(node, user);
+    }
+}
+
+fn on_push(shared: &Shared, node: &Node, push: redis::PushInfo) {
+    if push.kind != redis::PushKind::Message {
+        return;
+    }
+    let (Some(channel), Some(payload)) = (push.data.first(), push.data.get(1)) else {
+        return;
+    };
+    let (Ok(channel), Ok(payload)) = (
+        redis::from_redis_value_ref::<String>(channel),
+        redis::from_redis_value_ref::<String>(payload),
+    ) else {
+        return;
+    };
+    let prefix = format!("{}im:{{u:", shared.config.key_prefix);
+    let Some(user) = channel
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.strip_suffix("}:bell"))
+        .and_then(|id| id.parse().ok())
+        .map(UserId)
+    else {
+        return;
+    };
+    match payload.split_once(' ') {
+        Some(("supersede", rest)) => {
+            let Some((device, newer)) = rest.split_once(' ') else {
+                return;
+            };
+            let conns = node.lock();
+            for id in conns.by_user.get(&user).into_iter().flatten() {
+                if let Some(e) = conns.by_id.get(id)
+                    && e.device == device
+                    && e.key != newer
+                {
+                    tracing::info!(
+                        conn_id = id.0,
+                        newer,
+                        "superseded by a connection on another node"
+                    );
+                    e.handle.close(close(
+                        close_code::SUPERSEDED,
+                        "superseded by a newer connection",
+                    ));
+                }
+            }
+        }
+        _ => ring_local(node, user),
+    }
+}
