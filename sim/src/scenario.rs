@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! # What this reproduces and how (every file opens with a comment).
-//! server = "phase1"            # server profile: phase1 | phase2 | phase3
+//! server = "phase1"            # hardened (default) | phase1 | phase2 | phase3
 //! client = "compliant"         # default client profile: compliant | legacy
 //! seed = 1                     # turmoil's RNG seed (overridable by --seed)
 //! nodes = 1                    # server nodes: node1, node2, ...
@@ -15,6 +15,9 @@
 //! connect = "2s"               # client's connect + login deadline
 //! settle = "5s"                # quiet time before the final checks
 //!
+//! [network]
+//! tcp_capacity = 4096          # segments in flight per stream
+//!
 //! [expect]
 //! violated = ["no_false_success"]   # exactly these invariants fail
 //!
@@ -26,8 +29,9 @@
 //! Steps (`do = ...`): `connect`, `disconnect` (clean close), `vanish`
 //! (silent loss: partition, then the client drops its socket, so its FIN is
 //! lost), `reconnect` (heals a vanish, drops any old socket, connects
-//! anew), `send`, `wait`, `partition`/`heal` (between two hosts),
-//! `crash`/`restart` (a server node), `redis_stop`/`redis_restart`
+//! anew), `send` (`count = N` for a burst), `wait`, `partition`/`heal` (between two hosts),
+//! `crash`/`restart` (a server node), `drain` (a node's graceful
+//! shutdown: its clients are told to go elsewhere), `redis_stop`/`redis_restart`
 //! (`keep_data = true|false`), `redis_slow` (every reply delayed by `delay`),
 //! `middlebox` (a NAT that silently drops the user's connection once it is
 //! idle longer than `idle`), `stop_reading`/`resume_reading` (a client
@@ -74,7 +78,8 @@ impl<'de> Deserialize<'de> for Dur {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    server: Spanned<String>,
+    #[serde(default)]
+    server: Option<Spanned<String>>,
     #[serde(default)]
     client: Option<Spanned<String>>,
     #[serde(default)]
@@ -85,6 +90,8 @@ struct File {
     nodes: u64,
     #[serde(default)]
     timeouts: Timeouts,
+    #[serde(default)]
+    network: Network,
     expect: Expect,
     #[serde(default, rename = "step")]
     steps: Vec<Spanned<Step>>,
@@ -123,6 +130,21 @@ impl Default for Timeouts {
     }
 }
 
+/// Network knobs.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Network {
+    /// turmoil's per-stream window (segments in flight) and listen backlog.
+    /// Small values make a stuck reader's pushes back up sooner.
+    pub tcp_capacity: usize,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network { tcp_capacity: 4096 }
+    }
+}
+
 /// What the run must show.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -158,6 +180,12 @@ pub enum Step {
         from: u64,
         to: u64,
         text: Option<String>,
+        /// Sends this many messages at once (a burst), default 1.
+        count: Option<u64>,
+        at: Option<Dur>,
+    },
+    Drain {
+        node: u64,
         at: Option<Dur>,
     },
     Wait {
@@ -236,6 +264,10 @@ pub enum Action {
         from: u64,
         to: u64,
         text: Option<String>,
+        count: u64,
+    },
+    Drain {
+        node: u64,
     },
     Partition {
         a: String,
@@ -279,6 +311,7 @@ pub struct Scenario {
     pub seed: u64,
     pub nodes: u64,
     pub timeouts: Timeouts,
+    pub network: Network,
     pub expect: Expect,
     pub steps: Vec<TimedStep>,
 }
@@ -320,11 +353,13 @@ impl Scenario {
     pub fn parse(name: &str, text: &str) -> Result<Scenario, (std::ops::Range<usize>, String)> {
         let file: File =
             toml::from_str(text).map_err(|e| (e.span().unwrap_or(0..0), e.message().to_owned()))?;
-        let server = file
-            .server
-            .get_ref()
-            .parse::<Profile>()
-            .map_err(|e| (file.server.span(), e.to_string()))?;
+        let server = match &file.server {
+            Some(s) => s
+                .get_ref()
+                .parse::<Profile>()
+                .map_err(|e| (s.span(), e.to_string()))?,
+            None => Profile::Hardened,
+        };
         let default_client = match &file.client {
             Some(c) => c
                 .get_ref()
@@ -361,6 +396,7 @@ impl Scenario {
                 | Step::Vanish { at, .. }
                 | Step::Reconnect { at, .. }
                 | Step::Send { at, .. }
+                | Step::Drain { at, .. }
                 | Step::Partition { at, .. }
                 | Step::Heal { at, .. }
                 | Step::Crash { at, .. }
@@ -435,9 +471,24 @@ impl Scenario {
                     connected.insert(user, true);
                     Action::Reconnect { user, node }
                 }
-                Step::Send { from, to, text, .. } => {
+                Step::Send {
+                    from,
+                    to,
+                    text,
+                    count,
+                    ..
+                } => {
                     known(from, "send")?;
-                    Action::Send { from, to, text }
+                    let count = count.unwrap_or(1);
+                    if !(1..=100_000).contains(&count) {
+                        return Err(err(format!("count = {count} (expected 1 to 100000)")));
+                    }
+                    Action::Send {
+                        from,
+                        to,
+                        text,
+                        count,
+                    }
                 }
                 Step::Partition { a, b, .. } => {
                     host_ok(&a, file.nodes, &connected).map_err(err)?;
@@ -448,6 +499,10 @@ impl Scenario {
                     host_ok(&a, file.nodes, &connected).map_err(err)?;
                     host_ok(&b, file.nodes, &connected).map_err(err)?;
                     Action::Heal { a, b }
+                }
+                Step::Drain { node, .. } => {
+                    node_ok(node)?;
+                    Action::Drain { node }
                 }
                 Step::Crash { node, .. } => {
                     node_ok(node)?;
@@ -495,6 +550,7 @@ impl Scenario {
             seed: file.seed,
             nodes: file.nodes,
             timeouts: t,
+            network: file.network,
             expect: file.expect,
             steps,
         })

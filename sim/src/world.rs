@@ -186,6 +186,10 @@ struct AgentCtx {
     profile: ClientProfile,
     /// The node the user's device dials (hardened clients redial it).
     home: Arc<AtomicU64>,
+    /// How many nodes there are (hardened clients fall back to others).
+    nodes: u64,
+    /// The node the latest successful dial reached.
+    reached: Arc<AtomicU64>,
     connect_timeout: Duration,
     mailbox: Mailbox,
     activity: Arc<Activity>,
@@ -419,6 +423,7 @@ async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
         match event {
             Some(ResilientEvent::Connected { conn_id }) => {
                 conn = conn_id;
+                let node = ctx.reached.load(Ordering::Relaxed);
                 ctx.record(Event::Connected {
                     user: ctx.user,
                     node,
@@ -477,18 +482,39 @@ async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
 fn start_resilient(ctx: &AgentCtx) -> Resilient {
     let home = ctx.home.clone();
     let activity = ctx.activity.clone();
+    let nodes = ctx.nodes;
+    let reached = ctx.reached.clone();
+    // Like a load balancer: the device's home node first, then the others.
     let dial: Dial = Arc::new(move || {
-        let node = home.load(Ordering::Relaxed);
+        let first = home.load(Ordering::Relaxed);
         let activity = activity.clone();
+        let reached = reached.clone();
         Box::pin(async move {
-            let tcp = turmoil::net::TcpStream::connect((format!("node{node}"), WS_PORT)).await?;
-            activity
-                .last_ms
-                .store(now().as_millis() as u64, Ordering::Relaxed);
-            Ok(Box::new(Tapped {
-                inner: tcp,
-                activity,
-            }) as Box<dyn im_client::resilient::Stream>)
+            let order = std::iter::once(first).chain((1..=nodes).filter(move |&n| n != first));
+            let mut last_error = io::Error::other("no nodes");
+            for node in order {
+                let connect = turmoil::net::TcpStream::connect((format!("node{node}"), WS_PORT));
+                // A crashed host swallows SYNs: give each node a second.
+                match tokio::time::timeout(Duration::from_secs(1), connect)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+                    }) {
+                    Ok(tcp) => {
+                        reached.store(node, Ordering::Relaxed);
+                        activity
+                            .last_ms
+                            .store(now().as_millis() as u64, Ordering::Relaxed);
+                        let stream = Tapped {
+                            inner: tcp,
+                            activity,
+                        };
+                        return Ok(Box::new(stream) as Box<dyn im_client::resilient::Stream>);
+                    }
+                    Err(e) => last_error = e,
+                }
+            }
+            Err(last_error)
         })
     });
     let user = UserId(ctx.user);
@@ -512,7 +538,7 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
         .tick_duration(t.tick.0)
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(t.latency.0)
-        .tcp_capacity(4096)
+        .tcp_capacity(scenario.network.tcp_capacity)
         .build();
 
     let history = Rc::new(RefCell::new(History::default()));
@@ -523,14 +549,18 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
             redis_model::serve_turmoil(redis.clone(), REDIS_PORT)
         });
     }
+    let mut drains = BTreeMap::new();
     for n in 1..=scenario.nodes {
         let mut config = Config::new(profile);
         config.node = format!("node{n}");
         config.limits.read_idle_timeout = t.idle.0;
         config.auth_secret = Some(AUTH_SECRET.to_vec());
         config.clock = Arc::new(unix_ms);
+        let drain = Arc::new(Notify::new());
+        drains.insert(n, drain.clone());
         sim.host(format!("node{n}"), move || {
             let config = config.clone();
+            let drain = drain.clone();
             async move {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", WS_PORT)).await?;
                 let redis = RedisLink::new(
@@ -539,8 +569,11 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
                     config.limits.redis_timeout,
                 );
                 Server::new(config, redis)
-                    .run(TurmoilListener(listener), std::future::pending())
+                    .run(TurmoilListener(listener), drain.notified())
                     .await;
+                // Drained: the process stays down until the scenario
+                // restarts the node (a returning host would be rerun).
+                std::future::pending::<()>().await;
                 Ok(())
             }
         });
@@ -551,6 +584,8 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
             user,
             profile: client_profile,
             home: Arc::new(AtomicU64::new(1)),
+            nodes: scenario.nodes,
+            reached: Arc::new(AtomicU64::new(0)),
             connect_timeout: t.connect.0,
             mailbox: Mailbox::default(),
             activity: Arc::new(Activity::default()),
@@ -575,6 +610,7 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
         crashed: BTreeSet::new(),
         redis_down: false,
         middleboxes: BTreeMap::new(),
+        drains,
     };
     driver.phase("story");
     for step in &scenario.steps {
@@ -714,6 +750,8 @@ struct Driver<'a> {
     redis_down: bool,
     /// user -> idle time after which the middlebox drops its connection.
     middleboxes: BTreeMap<u64, Duration>,
+    /// Per node: resolves the server's shutdown future (a drain).
+    drains: BTreeMap<u64, Arc<Notify>>,
 }
 
 impl Driver<'_> {
@@ -818,7 +856,22 @@ impl Driver<'_> {
                 self.home.insert(*user, node);
                 self.agents[user].mailbox.post(Cmd::Connect { node });
             }
-            Action::Send { from, to, text } => self.send(*from, *to, text.clone(), false),
+            Action::Send {
+                from,
+                to,
+                text,
+                count,
+            } => {
+                for _ in 0..*count {
+                    self.send(*from, *to, text.clone(), false);
+                }
+            }
+            Action::Drain { node } => {
+                self.fault(format!("drain node{node}"));
+                if let Some(stop) = self.drains.get(node) {
+                    stop.notify_one();
+                }
+            }
             Action::Partition { a, b } => {
                 self.fault(format!("partition {a} <-> {b}"));
                 self.partition(a.clone(), b.clone());
