@@ -24,11 +24,26 @@ impl fmt::Display for MsgKey {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     /// A client connected and logged in (`conn` is the server's id).
-    Connected { user: u64, node: u64, conn: u64 },
+    Connected {
+        user: u64,
+        device: String,
+        node: u64,
+        conn: u64,
+    },
     /// A client could not connect or log in.
-    ConnectFailed { user: u64, node: u64, error: String },
+    ConnectFailed {
+        user: u64,
+        device: String,
+        node: u64,
+        error: String,
+    },
     /// A client's connection ended, as the client saw it.
-    Closed { user: u64, conn: u64, cause: String },
+    Closed {
+        user: u64,
+        device: String,
+        conn: u64,
+        cause: String,
+    },
     /// A client handed a message to its connection (`probe`: sent by the
     /// liveness phase, not by the story).
     Sent {
@@ -54,6 +69,7 @@ pub enum Event {
     /// A recipient's client received a message.
     Delivered {
         to: u64,
+        device: String,
         conn: u64,
         key: MsgKey,
         text: String,
@@ -61,6 +77,7 @@ pub enum Event {
     /// The server sent an Error envelope to a client.
     ServerError {
         user: u64,
+        device: String,
         code: i32,
         detail: String,
     },
@@ -103,15 +120,32 @@ pub fn fmt_time(at: Duration) -> String {
 impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Event::Connected { user, node, conn } => {
-                write!(f, "user{user} connected to node{node} (conn {conn})")
-            }
-            Event::ConnectFailed { user, node, error } => {
-                write!(f, "user{user} could not connect to node{node}: {error}")
-            }
-            Event::Closed { user, conn, cause } => {
-                write!(f, "user{user} conn {conn} closed: {cause}")
-            }
+            Event::Connected {
+                user,
+                device,
+                node,
+                conn,
+            } => write!(
+                f,
+                "{} connected to node{node} (conn {conn})",
+                who(*user, device)
+            ),
+            Event::ConnectFailed {
+                user,
+                device,
+                node,
+                error,
+            } => write!(
+                f,
+                "{} could not connect to node{node}: {error}",
+                who(*user, device)
+            ),
+            Event::Closed {
+                user,
+                device,
+                conn,
+                cause,
+            } => write!(f, "{} conn {conn} closed: {cause}", who(*user, device)),
             Event::Sent {
                 key,
                 to,
@@ -136,16 +170,37 @@ impl fmt::Display for Event {
             } => write!(f, "user{} told {key} refused: {reason}", key.from),
             Event::Delivered {
                 to,
+                device,
                 conn,
                 key,
                 text,
-            } => write!(f, "user{to} (conn {conn}) received {key}: {text:?}"),
-            Event::ServerError { user, code, detail } => {
-                write!(f, "user{user} got server error {code}: {detail}")
-            }
+            } => write!(
+                f,
+                "{} (conn {conn}) received {key}: {text:?}",
+                who(*to, device)
+            ),
+            Event::ServerError {
+                user,
+                device,
+                code,
+                detail,
+            } => write!(
+                f,
+                "{} got server error {code}: {detail}",
+                who(*user, device)
+            ),
             Event::PresenceWrite { command } => write!(f, "redis: {command}"),
             Event::Fault { what } => write!(f, "fault: {what}"),
             Event::Phase { name } => write!(f, "-- {name} --"),
         }
+    }
+}
+
+/// `user1001` for a user's default device, `user1001/tablet` otherwise.
+fn who(user: u64, device: &str) -> String {
+    if device == crate::scenario::DEFAULT_DEVICE {
+        format!("user{user}")
+    } else {
+        format!("user{user}/{device}")
     }
 }

@@ -76,7 +76,33 @@ pub struct MessageFate {
     /// The server's answer: Some(true) accepted, Some(false) refused.
     pub accepted: Option<bool>,
     pub reason: String,
-    pub deliveries: Vec<std::time::Duration>,
+    /// When, and on which of the recipient's devices, it arrived.
+    pub deliveries: Vec<(std::time::Duration, String)>,
+}
+
+impl MessageFate {
+    /// Devices that got it more than once.
+    pub fn duplicated(&self) -> Vec<&str> {
+        let mut seen = BTreeSet::new();
+        let mut twice = BTreeSet::new();
+        for (_, d) in &self.deliveries {
+            if !seen.insert(d.as_str()) {
+                twice.insert(d.as_str());
+            }
+        }
+        twice.into_iter().collect()
+    }
+
+    /// Whether every device in `required` got it (at least one, if none is required).
+    pub fn reached(&self, required: &[&str]) -> bool {
+        if required.is_empty() {
+            !self.deliveries.is_empty()
+        } else {
+            required
+                .iter()
+                .all(|r| self.deliveries.iter().any(|(_, d)| d == r))
+        }
+    }
 }
 
 /// Every message the story or the probes sent, in key order.
@@ -121,8 +147,12 @@ pub fn fates(history: &History) -> BTreeMap<MsgKey, MessageFate> {
                 f.accepted = Some(*accepted);
                 f.reason = reason.clone();
             }
-            Event::Delivered { key, .. } => {
-                fates.entry(*key).or_default().deliveries.push(r.at);
+            Event::Delivered { key, device, .. } => {
+                fates
+                    .entry(*key)
+                    .or_default()
+                    .deliveries
+                    .push((r.at, device.clone()));
             }
             _ => {}
         }
@@ -134,7 +164,7 @@ pub fn fates(history: &History) -> BTreeMap<MsgKey, MessageFate> {
 pub fn check(run: &RunResult) -> Vec<Verdict> {
     vec![
         delivery(&run.history),
-        no_false_success(&run.history),
+        no_false_success(run),
         presence(run),
         liveness(run),
     ]
@@ -150,9 +180,12 @@ fn delivery(history: &History) -> Verdict {
         })
         .collect();
     let mut seen = BTreeSet::new();
-    let mut last_per_pair = BTreeMap::<(u64, u64), u64>::new();
+    let mut last_per_pair = BTreeMap::<(u64, u64, String), u64>::new();
     for e in history.events() {
-        let Event::Delivered { to, key, .. } = e else {
+        let Event::Delivered {
+            to, key, device, ..
+        } = e
+        else {
             continue;
         };
         match sent.get(key) {
@@ -162,10 +195,12 @@ fn delivery(history: &History) -> Verdict {
             }
             Some(_) => {}
         }
-        if !seen.insert((*key, *to)) {
-            problems.push(format!("{key} delivered to {to} more than once"));
+        if !seen.insert((*key, *to, device.clone())) {
+            problems.push(format!("{key} delivered to {to} ({device}) more than once"));
         }
-        let last = last_per_pair.entry((key.from, *to)).or_insert(0);
+        let last = last_per_pair
+            .entry((key.from, *to, device.clone()))
+            .or_insert(0);
         if key.id < *last {
             problems.push(format!(
                 "{key} delivered to {to} after #{} (out of order)",
@@ -180,10 +215,23 @@ fn delivery(history: &History) -> Verdict {
     }
 }
 
-fn no_false_success(history: &History) -> Verdict {
-    let problems = fates(history)
+/// The devices of `user` the story leaves online.
+fn required_devices(run: &RunResult, user: u64) -> Vec<&str> {
+    run.intended_online
+        .iter()
+        .filter(|(u, _)| *u == user)
+        .map(|(_, d)| d.as_str())
+        .collect()
+}
+
+fn no_false_success(run: &RunResult) -> Verdict {
+    // "Sent" must mean it arrives: on every device of the recipient that
+    // the story leaves online, or on some device if none is left online.
+    let problems = fates(&run.history)
         .into_iter()
-        .filter(|(_, f)| !f.probe && f.accepted == Some(true) && f.deliveries.is_empty())
+        .filter(|(_, f)| {
+            !f.probe && f.accepted == Some(true) && !f.reached(&required_devices(run, f.to))
+        })
         .map(|(k, f)| format!("{k} to {} told sent, never delivered", f.to))
         .collect();
     Verdict {
@@ -192,21 +240,33 @@ fn no_false_success(history: &History) -> Verdict {
     }
 }
 
-/// Users whose latest connection is still open, as their clients see it.
-pub fn live_users(history: &History) -> BTreeSet<u64> {
-    let mut live = BTreeMap::<u64, u64>::new();
+/// Devices whose latest connection is still open, as their clients see it.
+pub fn live_devices(history: &History) -> BTreeSet<(u64, String)> {
+    let mut live = BTreeMap::<(u64, String), u64>::new();
     for e in history.events() {
         match e {
-            Event::Connected { user, conn, .. } => {
-                live.insert(*user, *conn);
+            Event::Connected {
+                user, device, conn, ..
+            } => {
+                live.insert((*user, device.clone()), *conn);
             }
-            Event::Closed { user, conn, .. } if live.get(user) == Some(conn) => {
-                live.remove(user);
+            Event::Closed {
+                user, device, conn, ..
+            } => {
+                let dev = (*user, device.clone());
+                if live.get(&dev) == Some(conn) {
+                    live.remove(&dev);
+                }
             }
             _ => {}
         }
     }
     live.into_keys().collect()
+}
+
+/// Users with at least one live device.
+pub fn live_users(history: &History) -> BTreeSet<u64> {
+    live_devices(history).into_iter().map(|(u, _)| u).collect()
 }
 
 fn presence(run: &RunResult) -> Verdict {
@@ -231,17 +291,18 @@ fn presence(run: &RunResult) -> Verdict {
 
 fn liveness(run: &RunResult) -> Verdict {
     let mut problems = Vec::new();
-    let live = live_users(&run.history);
-    for u in run.intended_online.difference(&live) {
-        problems.push(format!("{u} should be online but has no connection"));
+    let live = live_devices(&run.history);
+    for (u, d) in run.intended_online.difference(&live) {
+        problems.push(format!("{u} ({d}) should be online but has no connection"));
     }
     for (k, f) in fates(&run.history).into_iter().filter(|(_, f)| f.probe) {
-        let outcome = match (&f.send_failed, f.accepted, f.deliveries.is_empty()) {
+        let required = required_devices(run, f.to);
+        let outcome = match (&f.send_failed, f.accepted, f.reached(&required)) {
             (Some(why), _, _) => Some(format!("could not send: {why}")),
-            (None, None, true) => Some("no answer, not delivered".into()),
-            (None, Some(false), _) => Some(format!("refused: {}", f.reason)),
-            (None, Some(true), true) => Some("told sent, never delivered".into()),
-            _ => None,
+            (None, _, true) => None,
+            (None, None, false) => Some("no answer, not delivered".into()),
+            (None, Some(false), false) => Some(format!("refused: {}", f.reason)),
+            (None, Some(true), false) => Some("told sent, never delivered".into()),
         };
         if let Some(outcome) = outcome {
             problems.push(format!("{} -> {}: {outcome}", k.from, f.to));

@@ -41,14 +41,23 @@ pub fn render(o: &Outcome) -> String {
         "msg", "sent at", "from -> to", "text"
     );
     for (key, f) in fates(&o.run.history) {
+        let twice = f.duplicated();
         let result = match (&f.send_failed, f.accepted, f.deliveries.as_slice()) {
             (Some(why), _, _) => format!("❌ not sent: {why}"),
-            (None, _, [at]) => format!("✅ delivered at {}", fmt_time(*at)),
-            (None, _, [first, ..]) => format!(
-                "❌ delivered {} times, first at {}",
-                f.deliveries.len(),
-                fmt_time(*first)
-            ),
+            (None, _, [_, ..]) if !twice.is_empty() => {
+                format!("❌ delivered more than once to {}", twice.join(", "))
+            }
+            (None, _, [(at, d)]) if d == crate::scenario::DEFAULT_DEVICE => {
+                format!("✅ delivered at {}", fmt_time(*at))
+            }
+            (None, _, [_, ..]) => {
+                let each: Vec<String> = f
+                    .deliveries
+                    .iter()
+                    .map(|(at, d)| format!("{d} {}", fmt_time(*at)))
+                    .collect();
+                format!("✅ delivered to {}", each.join(", "))
+            }
             (None, Some(true), []) => "❌ told sent, never delivered".to_owned(),
             (None, Some(false), []) => format!("❌ refused: {}", f.reason),
             (None, None, []) => "❌ no answer, never delivered".to_owned(),

@@ -37,7 +37,12 @@
 //! idle longer than `idle`), `stop_reading`/`resume_reading` (a client
 //! whose pongs and pushes pile up).
 //!
-//! Host names: `node1`.., `redis`, `user<ID>` (e.g. `user1001`).
+//! Steps that name a user take an optional `device` (default "phone"):
+//! each device is its own client with its own connection, so a user may
+//! be online on several at once.
+//!
+//! Host names: `node1`.., `redis`, `user<ID>` for a user's default device
+//! (e.g. `user1001`), `user<ID>-<DEVICE>` for another (`user1001-tablet`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -159,25 +164,35 @@ pub struct Expect {
 pub enum Step {
     Connect {
         user: u64,
+        /// The device (default "phone"); several devices may share a user.
+        device: Option<String>,
         #[serde(default = "one")]
         node: u64,
         at: Option<Dur>,
     },
     Disconnect {
         user: u64,
+        /// The device (default "phone"); several devices may share a user.
+        device: Option<String>,
         at: Option<Dur>,
     },
     Vanish {
         user: u64,
+        /// The device (default "phone"); several devices may share a user.
+        device: Option<String>,
         at: Option<Dur>,
     },
     Reconnect {
         user: u64,
+        /// The device (default "phone"); several devices may share a user.
+        device: Option<String>,
         node: Option<u64>,
         at: Option<Dur>,
     },
     Send {
         from: u64,
+        /// The device (default "phone"); several devices may share a user.
+        device: Option<String>,
         to: u64,
         text: Option<String>,
         /// Sends this many messages at once (a burst), default 1.
@@ -223,15 +238,21 @@ pub enum Step {
     },
     Middlebox {
         user: u64,
+        /// The device (default "phone"); several devices may share a user.
+        device: Option<String>,
         idle: Dur,
         at: Option<Dur>,
     },
     StopReading {
         user: u64,
+        /// The device (default "phone"); several devices may share a user.
+        device: Option<String>,
         at: Option<Dur>,
     },
     ResumeReading {
         user: u64,
+        /// The device (default "phone"); several devices may share a user.
+        device: Option<String>,
         at: Option<Dur>,
     },
 }
@@ -248,20 +269,25 @@ pub struct TimedStep {
 pub enum Action {
     Connect {
         user: u64,
+        device: String,
         node: u64,
     },
     Disconnect {
         user: u64,
+        device: String,
     },
     Vanish {
         user: u64,
+        device: String,
     },
     Reconnect {
         user: u64,
+        device: String,
         node: Option<u64>,
     },
     Send {
         from: u64,
+        device: String,
         to: u64,
         text: Option<String>,
         count: u64,
@@ -292,13 +318,16 @@ pub enum Action {
     },
     Middlebox {
         user: u64,
+        device: String,
         idle: Duration,
     },
     StopReading {
         user: u64,
+        device: String,
     },
     ResumeReading {
         user: u64,
+        device: String,
     },
 }
 
@@ -308,6 +337,8 @@ pub struct Scenario {
     pub name: String,
     pub server: Profile,
     pub clients: BTreeMap<u64, ClientProfile>,
+    /// Every (user, device) the story connects, in order.
+    pub devices: Vec<(u64, String)>,
     pub seed: u64,
     pub nodes: u64,
     pub timeouts: Timeouts,
@@ -381,7 +412,7 @@ impl Scenario {
         let mut clients = BTreeMap::new();
         let mut steps = Vec::new();
         let mut now = Duration::ZERO;
-        let mut connected = BTreeMap::<u64, bool>::new();
+        let mut connected = BTreeMap::<(u64, String), bool>::new();
         for spanned in &file.steps {
             let span = spanned.span();
             let err = |m: String| (span.clone(), m);
@@ -428,63 +459,93 @@ impl Scenario {
                     )))
                 }
             };
-            let known = |user: u64, what: &str| {
-                if connected.contains_key(&user) {
+            let known = |dev: &(u64, String), what: &str| {
+                if connected.contains_key(dev) {
                     Ok(())
                 } else {
                     Err(err(format!(
-                        "user {user} never connected before this `{what}` step"
+                        "user {} (device {:?}) never connected before this `{what}` step",
+                        dev.0, dev.1
                     )))
                 }
             };
+            let dev = |user: u64, device: Option<String>| {
+                (user, device.unwrap_or_else(|| DEFAULT_DEVICE.to_owned()))
+            };
             let action = match step {
                 Step::Wait { .. } => unreachable!("handled above"),
-                Step::Connect { user, node, .. } => {
+                Step::Connect {
+                    user, device, node, ..
+                } => {
                     if user == 0 {
                         return Err(err("user 0 is not a user".into()));
                     }
-                    node_ok(node)?;
-                    if connected.get(&user) == Some(&true) {
+                    let d = dev(user, device);
+                    if d.1.is_empty() || !d.1.chars().all(|c| c.is_ascii_alphanumeric()) {
                         return Err(err(format!(
-                            "user {user} is already connected; use `reconnect`"
+                            "device {:?}: use letters and digits only",
+                            d.1
                         )));
                     }
-                    connected.insert(user, true);
+                    node_ok(node)?;
+                    if connected.get(&d) == Some(&true) {
+                        return Err(err(format!(
+                            "user {user} (device {:?}) is already connected; use `reconnect`",
+                            d.1
+                        )));
+                    }
+                    connected.insert(d.clone(), true);
                     clients.entry(user).or_insert(default_client);
-                    Action::Connect { user, node }
+                    Action::Connect {
+                        user,
+                        device: d.1,
+                        node,
+                    }
                 }
-                Step::Disconnect { user, .. } => {
-                    known(user, "disconnect")?;
-                    connected.insert(user, false);
-                    Action::Disconnect { user }
+                Step::Disconnect { user, device, .. } => {
+                    let d = dev(user, device);
+                    known(&d, "disconnect")?;
+                    connected.insert(d.clone(), false);
+                    Action::Disconnect { user, device: d.1 }
                 }
-                Step::Vanish { user, .. } => {
-                    known(user, "vanish")?;
-                    connected.insert(user, false);
-                    Action::Vanish { user }
+                Step::Vanish { user, device, .. } => {
+                    let d = dev(user, device);
+                    known(&d, "vanish")?;
+                    connected.insert(d.clone(), false);
+                    Action::Vanish { user, device: d.1 }
                 }
-                Step::Reconnect { user, node, .. } => {
-                    known(user, "reconnect")?;
+                Step::Reconnect {
+                    user, device, node, ..
+                } => {
+                    let d = dev(user, device);
+                    known(&d, "reconnect")?;
                     if let Some(n) = node {
                         node_ok(n)?;
                     }
-                    connected.insert(user, true);
-                    Action::Reconnect { user, node }
+                    connected.insert(d.clone(), true);
+                    Action::Reconnect {
+                        user,
+                        device: d.1,
+                        node,
+                    }
                 }
                 Step::Send {
                     from,
+                    device,
                     to,
                     text,
                     count,
                     ..
                 } => {
-                    known(from, "send")?;
+                    let d = dev(from, device);
+                    known(&d, "send")?;
                     let count = count.unwrap_or(1);
                     if !(1..=100_000).contains(&count) {
                         return Err(err(format!("count = {count} (expected 1 to 100000)")));
                     }
                     Action::Send {
                         from,
+                        device: d.1,
                         to,
                         text,
                         count,
@@ -515,17 +576,26 @@ impl Scenario {
                 Step::RedisStop { .. } => Action::RedisStop,
                 Step::RedisRestart { keep_data, .. } => Action::RedisRestart { keep_data },
                 Step::RedisSlow { delay, .. } => Action::RedisSlow { delay: delay.0 },
-                Step::Middlebox { user, idle, .. } => {
-                    known(user, "middlebox")?;
-                    Action::Middlebox { user, idle: idle.0 }
+                Step::Middlebox {
+                    user, device, idle, ..
+                } => {
+                    let d = dev(user, device);
+                    known(&d, "middlebox")?;
+                    Action::Middlebox {
+                        user,
+                        device: d.1,
+                        idle: idle.0,
+                    }
                 }
-                Step::StopReading { user, .. } => {
-                    known(user, "stop_reading")?;
-                    Action::StopReading { user }
+                Step::StopReading { user, device, .. } => {
+                    let d = dev(user, device);
+                    known(&d, "stop_reading")?;
+                    Action::StopReading { user, device: d.1 }
                 }
-                Step::ResumeReading { user, .. } => {
-                    known(user, "resume_reading")?;
-                    Action::ResumeReading { user }
+                Step::ResumeReading { user, device, .. } => {
+                    let d = dev(user, device);
+                    known(&d, "resume_reading")?;
+                    Action::ResumeReading { user, device: d.1 }
                 }
             };
             steps.push(TimedStep { at: now, action });
@@ -547,6 +617,7 @@ impl Scenario {
             name: name.to_owned(),
             server,
             clients,
+            devices: connected.into_keys().collect(),
             seed: file.seed,
             nodes: file.nodes,
             timeouts: t,
@@ -557,23 +628,34 @@ impl Scenario {
     }
 }
 
-/// Checks a host name against the world: `node<N>`, `redis`, `user<ID>`.
-fn host_ok(host: &str, nodes: u64, users: &BTreeMap<u64, bool>) -> Result<(), String> {
+/// Checks a host name against the world: `node<N>`, `redis`, a device's
+/// host (see [`device_host`]).
+fn host_ok(host: &str, nodes: u64, devices: &BTreeMap<(u64, String), bool>) -> Result<(), String> {
     let ok = host == "redis"
         || host
             .strip_prefix("node")
             .and_then(|n| n.parse::<u64>().ok())
             .is_some_and(|n| (1..=nodes).contains(&n))
-        || host
-            .strip_prefix("user")
-            .and_then(|n| n.parse::<u64>().ok())
-            .is_some_and(|u| users.contains_key(&u));
+        || devices.keys().any(|(u, d)| device_host(*u, d) == host);
     if ok {
         Ok(())
     } else {
         Err(format!(
-            "unknown host {host:?} (expected redis, node1..node{nodes}, or user<ID> of a connected user)"
+            "unknown host {host:?} (expected redis, node1..node{nodes}, or a connected device: user<ID> or user<ID>-<DEVICE>)"
         ))
+    }
+}
+
+/// The device every user has unless a step names another.
+pub const DEFAULT_DEVICE: &str = "phone";
+
+/// The turmoil host of a user's device: `user1001` for the default device,
+/// `user1001-tablet` for another.
+pub fn device_host(user: u64, device: &str) -> String {
+    if device == DEFAULT_DEVICE {
+        format!("user{user}")
+    } else {
+        format!("user{user}-{device}")
     }
 }
 

@@ -26,7 +26,10 @@ use tokio::sync::Notify;
 
 use crate::history::{Event, History, MsgKey};
 use crate::redis_model::{self, SharedRedis};
-use crate::scenario::{Action, Scenario};
+use crate::scenario::{Action, Scenario, device_host};
+
+/// A user's device: (user id, device name).
+pub type Dev = (u64, String);
 
 /// The port every server node listens on.
 pub const WS_PORT: u16 = 8080;
@@ -47,7 +50,7 @@ pub struct RunResult {
     /// `online_users` in Redis at quiescence; `None` if Redis was down.
     pub redis_online: Option<BTreeSet<u64>>,
     /// Users the story leaves online (their last step connects).
-    pub intended_online: BTreeSet<u64>,
+    pub intended_online: BTreeSet<Dev>,
     /// How long the run lasted in simulated time.
     pub elapsed: Duration,
 }
@@ -183,6 +186,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tapped<S> {
 /// What an agent needs; shared between the driver and the host closure.
 struct AgentCtx {
     user: u64,
+    device: String,
     profile: ClientProfile,
     /// The node the user's device dials (hardened clients redial it).
     home: Arc<AtomicU64>,
@@ -218,7 +222,7 @@ async fn agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
                 let conn = client.as_ref().map_or(0, |c| c.conn_id().0);
                 match event {
                     Some(ClientEvent::Delivered { from, text, client_msg_id, .. }) => ctx.record(Event::Delivered {
-                        to: ctx.user,
+                        to: ctx.user, device: ctx.device.clone(),
                         conn,
                         key: MsgKey { from: from.0, id: client_msg_id },
                         text,
@@ -228,9 +232,9 @@ async fn agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
                         accepted,
                         reason,
                     }),
-                    Some(ClientEvent::ServerError { code, detail }) => ctx.record(Event::ServerError { user: ctx.user, code, detail }),
+                    Some(ClientEvent::ServerError { code, detail }) => ctx.record(Event::ServerError { user: ctx.user, device: ctx.device.clone(), code, detail }),
                     Some(ClientEvent::Closed(cause)) => {
-                        ctx.record(Event::Closed { user: ctx.user, conn, cause: format!("{cause:?}") });
+                        ctx.record(Event::Closed { user: ctx.user, device: ctx.device.clone(), conn, cause: format!("{cause:?}") });
                         client = None;
                     }
                     None => client = None,
@@ -255,6 +259,7 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
                 let _ = old.abort().await;
                 ctx.record(Event::Closed {
                     user: ctx.user,
+                    device: ctx.device.clone(),
                     conn: old.conn_id().0,
                     cause: "abandoned for a new connection".into(),
                 });
@@ -281,6 +286,7 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
                         .store(now().as_millis() as u64, Ordering::Relaxed);
                     ctx.record(Event::Connected {
                         user: ctx.user,
+                        device: ctx.device.clone(),
                         node,
                         conn: c.conn_id().0,
                     });
@@ -288,11 +294,13 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
                 }
                 Ok(Err(e)) => ctx.record(Event::ConnectFailed {
                     user: ctx.user,
+                    device: ctx.device.clone(),
                     node,
                     error: e.to_string(),
                 }),
                 Err(_) => ctx.record(Event::ConnectFailed {
                     user: ctx.user,
+                    device: ctx.device.clone(),
                     node,
                     error: "timed out".into(),
                 }),
@@ -308,6 +316,7 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
                 let _ = c.abort().await;
                 ctx.record(Event::Closed {
                     user: ctx.user,
+                    device: ctx.device.clone(),
                     conn: c.conn_id().0,
                     cause: "vanished".into(),
                 });
@@ -426,17 +435,20 @@ async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
                 let node = ctx.reached.load(Ordering::Relaxed);
                 ctx.record(Event::Connected {
                     user: ctx.user,
+                    device: ctx.device.clone(),
                     node,
                     conn,
                 });
             }
             Some(ResilientEvent::Disconnected { conn_id, cause }) => ctx.record(Event::Closed {
                 user: ctx.user,
+                device: ctx.device.clone(),
                 conn: conn_id,
                 cause: format!("{cause:?}"),
             }),
             Some(ResilientEvent::ConnectFailed { error }) => ctx.record(Event::ConnectFailed {
                 user: ctx.user,
+                device: ctx.device.clone(),
                 node,
                 error,
             }),
@@ -447,6 +459,7 @@ async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
                 ..
             })) => ctx.record(Event::Delivered {
                 to: ctx.user,
+                device: ctx.device.clone(),
                 conn,
                 key: MsgKey {
                     from: from.0,
@@ -469,6 +482,7 @@ async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
             Some(ResilientEvent::Event(ClientEvent::ServerError { code, detail })) => {
                 ctx.record(Event::ServerError {
                     user: ctx.user,
+                    device: ctx.device.clone(),
                     code,
                     detail,
                 })
@@ -520,7 +534,7 @@ fn start_resilient(ctx: &AgentCtx) -> Resilient {
     let user = UserId(ctx.user);
     let mut options = Options::new(user, "ws://imsim/ws");
     options.token = im_proto::token::mint(AUTH_SECRET, user, unix_ms() / 1000 + 86_400);
-    options.device = "phone".into();
+    options.device = ctx.device.clone();
     options.login_timeout = ctx.connect_timeout;
     Resilient::start(dial, options, Resilience::default())
 }
@@ -579,9 +593,11 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
         });
     }
     let mut agents = BTreeMap::new();
-    for (&user, &client_profile) in &scenario.clients {
+    for (user, device) in &scenario.devices {
+        let (user, client_profile) = (*user, scenario.clients[user]);
         let ctx = Rc::new(AgentCtx {
             user,
+            device: device.clone(),
             profile: client_profile,
             home: Arc::new(AtomicU64::new(1)),
             nodes: scenario.nodes,
@@ -591,11 +607,12 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
             activity: Arc::new(Activity::default()),
             history: history.clone(),
         });
-        agents.insert(user, ctx.clone());
+        agents.insert((user, device.clone()), ctx.clone());
+        let host = device_host(user, device);
         if profile.switches().hardened {
-            sim.host(format!("user{user}"), move || hardened_agent(ctx.clone()));
+            sim.host(host, move || hardened_agent(ctx.clone()));
         } else {
-            sim.host(format!("user{user}"), move || agent(ctx.clone()));
+            sim.host(host, move || agent(ctx.clone()));
         }
     }
 
@@ -642,10 +659,16 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
     };
 
     driver.phase("liveness");
-    for &a in &intended_online {
-        for &b in &intended_online {
-            if a != b {
-                let text = format!("probe {a}->{b}");
+    // From one device of each user that should be online, to every other
+    // such user (the checker wants it on each of the recipient's devices).
+    let mut senders = BTreeMap::new();
+    for dev in &intended_online {
+        senders.entry(dev.0).or_insert_with(|| dev.clone());
+    }
+    for a in senders.values() {
+        for &b in senders.keys() {
+            if a.0 != b {
+                let text = format!("probe {}->{b}", a.0);
                 driver.send(a, b, Some(text), true);
             }
         }
@@ -691,16 +714,16 @@ fn lease_holders(redis: &SharedRedis, now_ms: u64) -> BTreeSet<u64> {
     online
 }
 
-/// Users whose last story step leaves them connected.
-fn intended_online(scenario: &Scenario) -> BTreeSet<u64> {
+/// Devices whose last story step leaves them connected.
+fn intended_online(scenario: &Scenario) -> BTreeSet<Dev> {
     let mut online = BTreeMap::new();
     for step in &scenario.steps {
-        match step.action {
-            Action::Connect { user, .. } | Action::Reconnect { user, .. } => {
-                online.insert(user, true);
+        match &step.action {
+            Action::Connect { user, device, .. } | Action::Reconnect { user, device, .. } => {
+                online.insert((*user, device.clone()), true);
             }
-            Action::Disconnect { user } | Action::Vanish { user } => {
-                online.insert(user, false);
+            Action::Disconnect { user, device } | Action::Vanish { user, device } => {
+                online.insert((*user, device.clone()), false);
             }
             _ => {}
         }
@@ -708,7 +731,7 @@ fn intended_online(scenario: &Scenario) -> BTreeSet<u64> {
     online
         .into_iter()
         .filter(|(_, on)| *on)
-        .map(|(u, _)| u)
+        .map(|(d, _)| d)
         .collect()
 }
 
@@ -741,15 +764,15 @@ struct Driver<'a> {
     sim: turmoil::Sim<'a>,
     history: Rc<RefCell<History>>,
     redis: SharedRedis,
-    agents: BTreeMap<u64, Rc<AgentCtx>>,
-    /// The node each user last connected to.
-    home: BTreeMap<u64, u64>,
+    agents: BTreeMap<Dev, Rc<AgentCtx>>,
+    /// The node each device last connected to.
+    home: BTreeMap<Dev, u64>,
     next_id: BTreeMap<u64, u64>,
     partitions: BTreeSet<(String, String)>,
     crashed: BTreeSet<u64>,
     redis_down: bool,
-    /// user -> idle time after which the middlebox drops its connection.
-    middleboxes: BTreeMap<u64, Duration>,
+    /// device -> idle time after which the middlebox drops its connection.
+    middleboxes: BTreeMap<Dev, Duration>,
     /// Per node: resolves the server's shutdown future (a drain).
     drains: BTreeMap<u64, Arc<Notify>>,
 }
@@ -784,23 +807,24 @@ impl Driver<'_> {
             return;
         }
         let now = self.sim.elapsed();
-        let due: Vec<(u64, u64)> = self
+        let due: Vec<(Dev, u64)> = self
             .middleboxes
             .iter()
-            .filter_map(|(&user, &idle)| {
+            .filter_map(|(dev, &idle)| {
                 let last = Duration::from_millis(
-                    self.agents[&user].activity.last_ms.load(Ordering::Relaxed),
+                    self.agents[dev].activity.last_ms.load(Ordering::Relaxed),
                 );
                 (now.saturating_sub(last) > idle)
-                    .then(|| (user, self.home.get(&user).copied().unwrap_or(1)))
+                    .then(|| (dev.clone(), self.home.get(dev).copied().unwrap_or(1)))
             })
             .collect();
-        for (user, node) in due {
-            self.middleboxes.remove(&user);
+        for (dev, node) in due {
+            self.middleboxes.remove(&dev);
+            let host = device_host(dev.0, &dev.1);
             self.fault(format!(
-                "middlebox drops idle connection user{user} <-> node{node}"
+                "middlebox drops idle connection {host} <-> node{node}"
             ));
-            self.partition(format!("user{user}"), format!("node{node}"));
+            self.partition(host, format!("node{node}"));
         }
     }
 
@@ -814,12 +838,17 @@ impl Driver<'_> {
         self.partitions.remove(&ordered(a, b));
     }
 
-    fn send(&mut self, from: u64, to: u64, text: Option<String>, probe: bool) {
-        let id = self.next_id.entry(from).or_insert(0);
+    fn send(&mut self, from: &Dev, to: u64, text: Option<String>, probe: bool) {
+        // Ids are per user, across its devices, as the server dedups by
+        // (user, id).
+        let id = self.next_id.entry(from.0).or_insert(0);
         *id += 1;
-        let key = MsgKey { from, id: *id };
+        let key = MsgKey {
+            from: from.0,
+            id: *id,
+        };
         let text = text.unwrap_or_else(|| format!("m{}", key.id));
-        self.agents[&from].mailbox.post(Cmd::Send {
+        self.agents[from].mailbox.post(Cmd::Send {
             key,
             to,
             text,
@@ -829,41 +858,49 @@ impl Driver<'_> {
 
     fn apply(&mut self, action: &Action) {
         match action {
-            Action::Connect { user, node } => {
-                self.home.insert(*user, *node);
-                self.agents[user].mailbox.post(Cmd::Connect { node: *node });
+            Action::Connect { user, device, node } => {
+                let dev = (*user, device.clone());
+                self.home.insert(dev.clone(), *node);
+                self.agents[&dev].mailbox.post(Cmd::Connect { node: *node });
             }
-            Action::Disconnect { user } => self.agents[user].mailbox.post(Cmd::Close),
-            Action::Vanish { user } => {
-                let node = self.home[user];
+            Action::Disconnect { user, device } => self.agents[&(*user, device.clone())]
+                .mailbox
+                .post(Cmd::Close),
+            Action::Vanish { user, device } => {
+                let dev = (*user, device.clone());
+                let node = self.home[&dev];
+                let host = device_host(*user, device);
                 self.fault(format!(
-                    "user{user} vanishes (partitioned from node{node}, then its socket is dropped)"
+                    "{host} vanishes (partitioned from node{node}, then its socket is dropped)"
                 ));
-                self.partition(format!("user{user}"), format!("node{node}"));
-                self.agents[user].mailbox.post(Cmd::Abort);
+                self.partition(host, format!("node{node}"));
+                self.agents[&dev].mailbox.post(Cmd::Abort);
             }
-            Action::Reconnect { user, node } => {
-                let old = self.home[user];
+            Action::Reconnect { user, device, node } => {
+                let dev = (*user, device.clone());
+                let old = self.home[&dev];
                 let node = node.unwrap_or(old);
                 // The path to the node it reconnects to works again; a path
                 // to another node stays as it is (the old connection there
                 // stays half-open).
-                let pair = ordered(format!("user{user}"), format!("node{node}"));
+                let pair = ordered(device_host(*user, device), format!("node{node}"));
                 if self.partitions.contains(&pair) {
                     self.fault(format!("heal {} <-> {} (user reconnects)", pair.0, pair.1));
                     self.repair(pair.0, pair.1);
                 }
-                self.home.insert(*user, node);
-                self.agents[user].mailbox.post(Cmd::Connect { node });
+                self.home.insert(dev.clone(), node);
+                self.agents[&dev].mailbox.post(Cmd::Connect { node });
             }
             Action::Send {
                 from,
+                device,
                 to,
                 text,
                 count,
             } => {
+                let dev = (*from, device.clone());
                 for _ in 0..*count {
-                    self.send(*from, *to, text.clone(), false);
+                    self.send(&dev, *to, text.clone(), false);
                 }
             }
             Action::Drain { node } => {
@@ -916,20 +953,25 @@ impl Driver<'_> {
                 ));
                 self.redis.set_delay(*delay);
             }
-            Action::Middlebox { user, idle } => {
+            Action::Middlebox { user, device, idle } => {
+                let host = device_host(*user, device);
                 self.fault(format!(
-                    "middlebox on user{user}: drops the connection after {} idle",
+                    "middlebox on {host}: drops the connection after {} idle",
                     humantime::format_duration(*idle)
                 ));
-                self.middleboxes.insert(*user, *idle);
+                self.middleboxes.insert((*user, device.clone()), *idle);
             }
-            Action::StopReading { user } => {
-                self.fault(format!("user{user} stops reading"));
-                self.agents[user].mailbox.post(Cmd::PauseReading(true));
+            Action::StopReading { user, device } => {
+                self.fault(format!("{} stops reading", device_host(*user, device)));
+                self.agents[&(*user, device.clone())]
+                    .mailbox
+                    .post(Cmd::PauseReading(true));
             }
-            Action::ResumeReading { user } => {
-                self.fault(format!("user{user} resumes reading"));
-                self.agents[user].mailbox.post(Cmd::PauseReading(false));
+            Action::ResumeReading { user, device } => {
+                self.fault(format!("{} resumes reading", device_host(*user, device)));
+                self.agents[&(*user, device.clone())]
+                    .mailbox
+                    .post(Cmd::PauseReading(false));
             }
         }
     }

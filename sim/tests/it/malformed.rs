@@ -37,7 +37,7 @@ fn user_never_connected_is_reported_with_its_line() {
         "{HEAD}[[step]]\ndo = \"send\"\nfrom = 1001\nto = 1002\n"
     ));
     assert!(
-        e.contains(":4:") && e.contains("user 1001 never connected"),
+        e.contains(":4:") && e.contains("user 1001 (device \"phone\") never connected"),
         "{e}"
     );
 }
