@@ -177,29 +177,14 @@ async fn run(
             let stream = dial().await.map_err(crate::ClientError::Connect)?;
             Client::connect_over(stream, opts).await
         };
-        let mut client = match tokio::time::timeout(options.login_timeout, attempt).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                let _ = events
-                    .send(ResilientEvent::ConnectFailed {
-                        error: e.to_string(),
-                    })
-                    .await;
-                if wait_or_stop(&mut commands, &mut st, &r, backoff).await {
-                    let _ = events
-                        .send(ResilientEvent::Stopped(CloseCause::ByUser))
-                        .await;
-                    return;
-                }
-                backoff = (backoff * 2).min(r.backoff_max);
-                continue;
-            }
-            Err(_) => {
-                let _ = events
-                    .send(ResilientEvent::ConnectFailed {
-                        error: "timed out".into(),
-                    })
-                    .await;
+        let outcome = match tokio::time::timeout(options.login_timeout, attempt).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("timed out".to_owned()),
+        };
+        let mut client = match outcome {
+            Ok(c) => c,
+            Err(error) => {
+                let _ = events.send(ResilientEvent::ConnectFailed { error }).await;
                 if wait_or_stop(&mut commands, &mut st, &r, backoff).await {
                     let _ = events
                         .send(ResilientEvent::Stopped(CloseCause::ByUser))
