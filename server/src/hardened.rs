@@ -45,7 +45,6 @@ pub(crate) fn close(code: u16, reason: &str) -> Closing {
 
 /// One local connection.
 struct Entry {
-    user: UserId,
     device: String,
     key: String,
     handle: ConnHandle,
@@ -169,7 +168,6 @@ pub(crate) async fn login(
         conns.by_id.insert(
             conn_id,
             Entry {
-                user,
                 device: device.clone(),
                 key: key.clone(),
                 handle: handle.clone(),
@@ -478,23 +476,13 @@ pub(crate) async fn doorbells(shared: Arc<Shared>, node: Arc<Node>) {
 }
 
 /// After a redial: subscriptions are gone and doorbells may have been
-/// missed, so subscribe again, re-lease, and wake every pump.
+/// missed, so subscribe again and wake every pump. Leases are not written
+/// here: each is rewritten by its own session within one heartbeat
+/// interval, and only its session may write it (a refresh from here could
+/// race the session's final ZREM and resurrect a removed lease).
 async fn resubscribe(shared: &Shared, node: &Node) {
-    let (users, leases): (Vec<UserId>, Vec<(UserId, String)>) = {
-        let conns = node.lock();
-        (
-            conns.by_user.keys().copied().collect(),
-            conns
-                .by_id
-                .values()
-                .map(|e| (e.user, e.key.clone()))
-                .collect(),
-        )
-    };
-    tracing::info!(
-        users = users.len(),
-        "redis reconnected: resubscribing and re-leasing"
-    );
+    let users: Vec<UserId> = node.lock().by_user.keys().copied().collect();
+    tracing::info!(users = users.len(), "redis reconnected: resubscribing");
     for user in &users {
         if let Err(e) = shared
             .redis
@@ -503,9 +491,6 @@ async fn resubscribe(shared: &Shared, node: &Node) {
         {
             tracing::warn!(error = %e, "resubscribe failed");
         }
-    }
-    for (user, key) in leases {
-        let _ = refresh_lease(shared, user, &key).await;
     }
     for user in users {
         ring_local(node, user);

@@ -13,8 +13,10 @@ use crate::world::RunResult;
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum Invariant {
-    /// Every delivered message was sent, to that recipient; none arrives
-    /// twice; messages between one pair arrive in the order sent.
+    /// Every delivered message was sent, to that recipient (nobody sees a
+    /// message but its recipient); none arrives twice on a device; messages
+    /// between one pair arrive in the order sent; nothing arrives on a
+    /// connection its device has superseded.
     Delivery,
     /// No sender is told "sent" for a message that never arrived.
     NoFalseSuccess,
@@ -181,7 +183,31 @@ fn delivery(history: &History) -> Verdict {
         .collect();
     let mut seen = BTreeSet::new();
     let mut last_per_pair = BTreeMap::<(u64, u64, String), u64>::new();
+    // The newest connection of each device: a delivery on an older one
+    // went to a superseded connection.
+    let mut newest = BTreeMap::<(u64, String), u64>::new();
     for e in history.events() {
+        if let Event::Connected {
+            user, device, conn, ..
+        } = e
+        {
+            newest.insert((*user, device.clone()), *conn);
+        }
+        if let Event::Delivered {
+            to,
+            device,
+            conn,
+            key,
+            ..
+        } = e
+            && newest
+                .get(&(*to, device.clone()))
+                .is_some_and(|n| n != conn)
+        {
+            problems.push(format!(
+                "{key} delivered to {to} ({device}) on superseded connection {conn}"
+            ));
+        }
         let Event::Delivered {
             to, key, device, ..
         } = e
