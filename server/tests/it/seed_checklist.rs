@@ -152,3 +152,41 @@ fn two<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
         (&mut r[0], &mut l[j])
     }
 }
+
+#[tokio::test]
+async fn metrics_endpoint_counts_connections_pushes_and_presence_writes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], im_server::testing::free_port()));
+    im_server::metrics::install_prometheus(addr).unwrap();
+    let node = Node::start(Profile::Phase3, "metrics").await;
+    let mut a = node.connect(1001).await;
+    let mut b = node.connect(1002).await;
+    chat(&mut a, &mut b, "counted", 1).await;
+    // The exporter renders on request; ask it like Prometheus would.
+    let deadline = tokio::time::Instant::now() + crate::support::PATIENCE;
+    let body = loop {
+        let mut body = String::new();
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            s.read_to_string(&mut body).await.unwrap();
+        }
+        if body.contains("im_pushes_total{result=\"delivered\"}") {
+            break body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no push counted in:\n{body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    for name in [
+        "im_connections_live",
+        "im_presence_writes_total{op=\"sadd\",outcome=\"ok\"}",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(body.contains(name), "{name} missing from:\n{body}");
+    }
+    node.stop().await;
+}
