@@ -17,6 +17,7 @@ compile_error!(
      a RUSTFLAGS environment variable replaces that setting"
 );
 
+pub mod generate;
 pub mod history;
 pub mod invariants;
 pub mod redis_model;

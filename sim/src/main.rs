@@ -34,6 +34,25 @@ enum Command {
         #[arg(long)]
         report: bool,
     },
+    /// Generates runs (proptest), shrinks the first failure to a minimal
+    /// schedule and writes it as a scenario file that `run` replays.
+    Fuzz {
+        /// Server profile to attack.
+        #[arg(long, default_value = "hardened")]
+        profile: Profile,
+        /// Generated runs to try.
+        #[arg(long, default_value_t = 100)]
+        cases: u32,
+        /// Seed of the generator (the whole search follows from it).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where to write a minimized failure.
+        #[arg(long, default_value = "scenarios/found")]
+        out: PathBuf,
+        /// Most ops per generated run.
+        #[arg(long, default_value_t = 12)]
+        ops_max: usize,
+    },
 }
 
 /// Exit code for input that could not be read as scenarios.
@@ -49,7 +68,58 @@ fn main() -> ExitCode {
             trace,
             report,
         } => run(paths, seed, profile, trace, report),
+        Command::Fuzz {
+            profile,
+            cases,
+            seed,
+            out,
+            ops_max,
+        } => fuzz(profile, cases, seed, &out, ops_max),
     }
+}
+
+fn fuzz(profile: Profile, cases: u32, seed: u64, out: &Path, ops_max: usize) -> ExitCode {
+    println!("seed: {seed}");
+    let wall = std::time::Instant::now();
+    let found = match im_sim::generate::fuzz(profile, cases, seed, ops_max, 128) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(found) = found else {
+        println!(
+            "no failure in {cases} generated runs against {profile} ({:.1}s)",
+            wall.elapsed().as_secs_f64()
+        );
+        return ExitCode::SUCCESS;
+    };
+    let names: Vec<&str> = found.violated.iter().map(|i| i.name()).collect();
+    let file = out.join(format!("found_{profile}_seed{seed}.toml"));
+    let comment = format!(
+        "Found by `im-sim fuzz --profile {profile} --cases {cases} --seed {seed}`, shrunk by proptest.\n\
+         Violates: {}. It declares no violations, so `im-sim run` fails on it\n\
+         until the bug is fixed; then it guards the fix.\n\
+         Replay: im-sim run {}",
+        names.join(", "),
+        file.display()
+    );
+    let text = im_sim::generate::to_toml(&found.scenario, &comment);
+    if let Err(e) = std::fs::create_dir_all(out).and_then(|()| std::fs::write(&file, text)) {
+        eprintln!("error: cannot write {}: {e}", file.display());
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
+    println!("{}", found.report);
+    println!(
+        "found a failure against {profile} ({}), shrunk to {} steps, in {:.1}s",
+        names.join(", "),
+        found.scenario.steps.len(),
+        wall.elapsed().as_secs_f64()
+    );
+    println!("wrote {}", file.display());
+    println!("replay: im-sim run {}", file.display());
+    ExitCode::FAILURE
 }
 
 fn run(

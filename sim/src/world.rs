@@ -51,6 +51,8 @@ pub struct RunResult {
     pub redis_online: Option<BTreeSet<u64>>,
     /// Users the story leaves online (their last step connects).
     pub intended_online: BTreeSet<Dev>,
+    /// (recipient, message) stored in an inbox at quiescence (hardened).
+    pub stored: BTreeSet<(u64, MsgKey)>,
     /// How long the run lasted in simulated time.
     pub elapsed: Duration,
 }
@@ -658,6 +660,11 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
         )
     };
 
+    let stored = if driver.redis_down {
+        BTreeSet::new()
+    } else {
+        stored_messages(&redis)
+    };
     driver.phase("liveness");
     // From one device of each user that should be online, to every other
     // such user (the checker wants it on each of the recipient's devices).
@@ -686,6 +693,7 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
         history,
         redis_online,
         intended_online,
+        stored,
         elapsed,
     })
 }
@@ -712,6 +720,36 @@ fn lease_holders(redis: &SharedRedis, now_ms: u64) -> BTreeSet<u64> {
         }
     }
     online
+}
+
+/// Messages waiting in inboxes (hardened schema: `im:{u:ID}:inbox`, each
+/// member an encoded Deliver).
+fn stored_messages(redis: &SharedRedis) -> BTreeSet<(u64, MsgKey)> {
+    let mut stored = BTreeSet::new();
+    for (key, snap) in redis.snapshot() {
+        let Some(user) = std::str::from_utf8(&key)
+            .ok()
+            .and_then(|k| k.strip_prefix("im:{u:"))
+            .and_then(|k| k.strip_suffix("}:inbox"))
+            .and_then(|id| id.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if let redis_model::Value::ZSet(members) = snap.value {
+            for (bytes, _) in members {
+                if let Ok(im_proto::Body::Deliver(d)) = im_proto::decode(&bytes) {
+                    stored.insert((
+                        user,
+                        MsgKey {
+                            from: d.from_user_id,
+                            id: d.client_msg_id,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    stored
 }
 
 /// Devices whose last story step leaves them connected.

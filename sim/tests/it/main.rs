@@ -4,10 +4,13 @@
 //! - `scenarios`: every file in `scenarios/` passes (what happened equals
 //!   what it declares), and its report is an insta snapshot.
 //! - `determinism`: the same seed gives the same trace, byte for byte.
+//! - `generated`: generated scenarios round-trip through the file format;
+//!   fuzzing finds phase 1's bug and exports a file that replays it.
 //! - `malformed`: bad scenario files are reported with path and line, and
 //!   the runner exits 2 without running anything.
 
 mod determinism;
+mod generated;
 mod malformed;
 mod scenarios;
 

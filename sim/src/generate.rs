@@ -1,0 +1,384 @@
+//! Generated runs: proptest strategies that produce whole scenarios, in the
+//! same types the scenario files use, and the way back to a file.
+//!
+//! A run is a few users on one or two nodes, all connected at the start,
+//! then a list of [`Op`]s. Waits are biased toward the dangerous windows:
+//! right after another event (a few ms), around the heartbeat interval
+//! (10 s), the heartbeat timeout (25 s) and the phase profiles' read idle
+//! timeout (set to 10 s here). [`compile`] turns the ops into a valid
+//! [`Scenario`], skipping ops that make no sense in the state reached
+//! (reconnecting a connected user, restarting a running node), so every
+//! generated and every shrunk value is a runnable story.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use im_client::ClientProfile;
+use im_server::Profile;
+use proptest::prelude::*;
+
+use crate::scenario::{
+    Action, DEFAULT_DEVICE, Dur, Expect, Network, Scenario, TimedStep, Timeouts,
+};
+
+/// Users of generated runs: 1001, 1002, ...
+pub const FIRST_USER: u64 = 1001;
+
+/// One thing that happens in a generated run (users and nodes by index).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Wait { ms: u64 },
+    Send { from: usize, to: usize },
+    Disconnect { user: usize },
+    Vanish { user: usize },
+    Reconnect { user: usize, node: u64 },
+    PartitionRedis { node: u64 },
+    HealRedis { node: u64 },
+    Crash { node: u64 },
+    Restart { node: u64 },
+    RedisRestart { keep_data: bool },
+}
+
+/// A whole generated run before it becomes a scenario.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub seed: u64,
+    pub users: usize,
+    pub nodes: u64,
+    pub ops: Vec<Op>,
+}
+
+fn wait_ms() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        4 => 0..40u64,
+        2 => 40..2_000u64,
+        2 => 9_500..10_500u64,
+        1 => 24_000..26_000u64,
+    ]
+}
+
+fn op(users: usize, nodes: u64) -> impl Strategy<Value = Op> {
+    let user = 0..users;
+    let node = 1..=nodes;
+    prop_oneof![
+        4 => wait_ms().prop_map(|ms| Op::Wait { ms }),
+        5 => (user.clone(), user.clone()).prop_map(|(from, to)| Op::Send { from, to }),
+        1 => user.clone().prop_map(|user| Op::Disconnect { user }),
+        2 => user.clone().prop_map(|user| Op::Vanish { user }),
+        3 => (user, node.clone()).prop_map(|(user, node)| Op::Reconnect { user, node }),
+        1 => node.clone().prop_map(|node| Op::PartitionRedis { node }),
+        1 => node.clone().prop_map(|node| Op::HealRedis { node }),
+        1 => node.clone().prop_map(|node| Op::Crash { node }),
+        1 => node.prop_map(|node| Op::Restart { node }),
+        1 => any::<bool>().prop_map(|keep_data| Op::RedisRestart { keep_data }),
+    ]
+}
+
+/// Plans of 2-3 users on 1-2 nodes with up to `ops_max` ops.
+pub fn plans(ops_max: usize) -> impl Strategy<Value = Plan> {
+    (0..1_000u64, 2..=3usize, 1..=2u64).prop_flat_map(move |(seed, users, nodes)| {
+        proptest::collection::vec(op(users, nodes), 1..=ops_max).prop_map(move |ops| Plan {
+            seed,
+            users,
+            nodes,
+            ops,
+        })
+    })
+}
+
+/// Turns a plan into a runnable scenario for `profile`; ops that do not
+/// fit the state reached are skipped.
+pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
+    let user_id = |i: usize| FIRST_USER + i as u64;
+    let mut steps = Vec::new();
+    let mut now = Duration::ZERO;
+    let mut connected = vec![true; plan.users];
+    let mut crashed = vec![false; plan.nodes as usize + 1];
+    let mut cut_from_redis = vec![false; plan.nodes as usize + 1];
+    let mut clients = BTreeMap::new();
+    let mut devices = Vec::new();
+    for i in 0..plan.users {
+        let node = 1 + (i as u64 % plan.nodes);
+        clients.insert(user_id(i), ClientProfile::Compliant);
+        devices.push((user_id(i), DEFAULT_DEVICE.to_owned()));
+        steps.push(TimedStep {
+            at: now,
+            action: Action::Connect {
+                user: user_id(i),
+                device: DEFAULT_DEVICE.into(),
+                node,
+            },
+        });
+    }
+    // Presence converges within a lease (30 s): a cleanup that could not
+    // reach Redis (crash, cut from Redis, Redis restarting) is undone by
+    // expiry, so such runs settle longer than a lease before judging.
+    let mut lease_wait = false;
+    for op in &plan.ops {
+        let action = match *op {
+            Op::Wait { ms } => {
+                now += Duration::from_millis(ms);
+                continue;
+            }
+            Op::Send { from, to } if connected[from] && from != to => Action::Send {
+                from: user_id(from),
+                device: DEFAULT_DEVICE.into(),
+                to: user_id(to),
+                text: None,
+                count: 1,
+            },
+            Op::Disconnect { user } if connected[user] => {
+                connected[user] = false;
+                Action::Disconnect {
+                    user: user_id(user),
+                    device: DEFAULT_DEVICE.into(),
+                }
+            }
+            Op::Vanish { user } if connected[user] => {
+                connected[user] = false;
+                Action::Vanish {
+                    user: user_id(user),
+                    device: DEFAULT_DEVICE.into(),
+                }
+            }
+            Op::Reconnect { user, node } if !connected[user] && !crashed[node as usize] => {
+                connected[user] = true;
+                Action::Reconnect {
+                    user: user_id(user),
+                    device: DEFAULT_DEVICE.into(),
+                    node: Some(node),
+                }
+            }
+            Op::PartitionRedis { node } if !cut_from_redis[node as usize] => {
+                cut_from_redis[node as usize] = true;
+                lease_wait = true;
+                Action::Partition {
+                    a: format!("node{node}"),
+                    b: "redis".into(),
+                }
+            }
+            Op::HealRedis { node } if cut_from_redis[node as usize] => {
+                cut_from_redis[node as usize] = false;
+                Action::Heal {
+                    a: format!("node{node}"),
+                    b: "redis".into(),
+                }
+            }
+            Op::Crash { node } if !crashed[node as usize] => {
+                crashed[node as usize] = true;
+                lease_wait = true;
+                Action::Crash { node }
+            }
+            Op::Restart { node } if crashed[node as usize] => {
+                crashed[node as usize] = false;
+                Action::Restart { node }
+            }
+            Op::RedisRestart { keep_data } => {
+                lease_wait = true;
+                Action::RedisRestart { keep_data }
+            }
+            _ => continue,
+        };
+        steps.push(TimedStep { at: now, action });
+    }
+    let settle = if lease_wait { 35 } else { 8 };
+    Scenario {
+        name: name.to_owned(),
+        server: profile,
+        clients,
+        devices,
+        seed: plan.seed,
+        nodes: plan.nodes,
+        timeouts: Timeouts {
+            idle: Dur(Duration::from_secs(10)),
+            settle: Dur(Duration::from_secs(settle)),
+            ..Timeouts::default()
+        },
+        network: Network::default(),
+        expect: Expect {
+            violated: Vec::new(),
+        },
+        steps,
+    }
+}
+
+/// Writes a scenario in the file format, with `comment` as its opening
+/// comment; `Scenario::parse` reads it back to the same scenario.
+pub fn to_toml(s: &Scenario, comment: &str) -> String {
+    let mut out = String::new();
+    for line in comment.lines() {
+        let _ = writeln!(out, "# {line}");
+    }
+    let _ = writeln!(out, "server = \"{}\"", s.server);
+    let _ = writeln!(out, "seed = {}", s.seed);
+    let _ = writeln!(out, "nodes = {}", s.nodes);
+    let profiles: Vec<String> = s
+        .clients
+        .iter()
+        .filter(|(_, p)| **p != ClientProfile::Compliant)
+        .map(|(u, p)| format!("{u} = \"{p}\""))
+        .collect();
+    if !profiles.is_empty() {
+        let _ = writeln!(out, "users = {{ {} }}", profiles.join(", "));
+    }
+    let _ = writeln!(out, "\nstep = [");
+    for step in &s.steps {
+        let at = format!("at = \"{}ms\"", step.at.as_millis());
+        let dev = |d: &str| {
+            if d == DEFAULT_DEVICE {
+                String::new()
+            } else {
+                format!(", device = \"{d}\"")
+            }
+        };
+        let body = match &step.action {
+            Action::Connect { user, device, node } => format!(
+                "do = \"connect\", user = {user}{}, node = {node}",
+                dev(device)
+            ),
+            Action::Disconnect { user, device } => {
+                format!("do = \"disconnect\", user = {user}{}", dev(device))
+            }
+            Action::Vanish { user, device } => {
+                format!("do = \"vanish\", user = {user}{}", dev(device))
+            }
+            Action::Reconnect { user, device, node } => {
+                let node = node.map(|n| format!(", node = {n}")).unwrap_or_default();
+                format!("do = \"reconnect\", user = {user}{}{node}", dev(device))
+            }
+            Action::Send {
+                from,
+                device,
+                to,
+                text,
+                count,
+            } => {
+                let text = text
+                    .as_ref()
+                    .map(|t| format!(", text = {t:?}"))
+                    .unwrap_or_default();
+                let count = if *count > 1 {
+                    format!(", count = {count}")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "do = \"send\", from = {from}{}, to = {to}{text}{count}",
+                    dev(device)
+                )
+            }
+            Action::Drain { node } => format!("do = \"drain\", node = {node}"),
+            Action::Partition { a, b } => format!("do = \"partition\", a = \"{a}\", b = \"{b}\""),
+            Action::Heal { a, b } => format!("do = \"heal\", a = \"{a}\", b = \"{b}\""),
+            Action::Crash { node } => format!("do = \"crash\", node = {node}"),
+            Action::Restart { node } => format!("do = \"restart\", node = {node}"),
+            Action::RedisStop => "do = \"redis_stop\"".to_owned(),
+            Action::RedisRestart { keep_data } => {
+                format!("do = \"redis_restart\", keep_data = {keep_data}")
+            }
+            Action::RedisSlow { delay } => {
+                format!("do = \"redis_slow\", delay = \"{}ms\"", delay.as_millis())
+            }
+            Action::Middlebox { user, device, idle } => {
+                format!(
+                    "do = \"middlebox\", user = {user}{}, idle = \"{}ms\"",
+                    dev(device),
+                    idle.as_millis()
+                )
+            }
+            Action::StopReading { user, device } => {
+                format!("do = \"stop_reading\", user = {user}{}", dev(device))
+            }
+            Action::ResumeReading { user, device } => {
+                format!("do = \"resume_reading\", user = {user}{}", dev(device))
+            }
+        };
+        let _ = writeln!(out, "  {{ {body}, {at} }},");
+    }
+    let _ = writeln!(out, "]");
+    let t = &s.timeouts;
+    let _ = writeln!(out, "\n[timeouts]");
+    for (k, d) in [
+        ("idle", t.idle),
+        ("tick", t.tick),
+        ("latency", t.latency),
+        ("connect", t.connect),
+        ("settle", t.settle),
+    ] {
+        let _ = writeln!(out, "{k} = \"{}ms\"", d.0.as_millis());
+    }
+    let _ = writeln!(
+        out,
+        "\n[network]\ntcp_capacity = {}",
+        s.network.tcp_capacity
+    );
+    let violated: Vec<String> = s
+        .expect
+        .violated
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect();
+    let _ = writeln!(out, "\n[expect]\nviolated = [{}]", violated.join(", "));
+    out
+}
+
+/// A failing generated run, shrunk.
+#[derive(Debug)]
+pub struct Found {
+    pub scenario: Scenario,
+    pub violated: Vec<crate::Invariant>,
+    pub report: String,
+}
+
+/// Runs `cases` generated scenarios against `profile`, all drawn from
+/// `seed`; returns the first failure, shrunk to a minimal schedule. The
+/// search is deterministic: shrinking is bounded by iterations, never by
+/// wall time.
+pub fn fuzz(
+    profile: Profile,
+    cases: u32,
+    seed: u64,
+    ops_max: usize,
+    shrink_iters: u32,
+) -> Result<Option<Found>, String> {
+    use proptest::test_runner::{
+        Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner,
+    };
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: shrink_iters,
+        ..Config::default()
+    };
+    let mut runner =
+        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+    let check = |plan: &Plan| -> Result<crate::Outcome, String> {
+        let scenario = compile("generated", profile, plan);
+        crate::run_scenario(&scenario, crate::RunOptions::default()).map_err(|e| e.to_string())
+    };
+    let result = runner.run(&plans(ops_max), |plan| {
+        let outcome = check(&plan).map_err(TestCaseError::fail)?;
+        let violated = outcome.violated();
+        if violated.is_empty() {
+            Ok(())
+        } else {
+            let names: Vec<&str> = violated.iter().map(|i| i.name()).collect();
+            Err(TestCaseError::fail(names.join(", ")))
+        }
+    });
+    match result {
+        Ok(()) => Ok(None),
+        Err(TestError::Fail(_, plan)) => {
+            let outcome = check(&plan)?;
+            Ok(Some(Found {
+                violated: outcome.violated().into_iter().collect(),
+                report: outcome.report(),
+                scenario: outcome.scenario,
+            }))
+        }
+        Err(TestError::Abort(why)) => Err(why.to_string()),
+    }
+}
