@@ -33,6 +33,12 @@ enum Command {
         /// Prints each run's full report, not only for failures.
         #[arg(long)]
         report: bool,
+        /// Writes a JUnit XML report (one testcase per scenario) to FILE.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Writes a Mermaid sequence diagram of each run to DIR/<name>.md.
+        #[arg(long)]
+        timeline: Option<PathBuf>,
     },
     /// Generates runs (proptest), shrinks the first failure to a minimal
     /// schedule and writes it as a scenario file that `run` replays.
@@ -67,7 +73,19 @@ fn main() -> ExitCode {
             profile,
             trace,
             report,
-        } => run(paths, seed, profile, trace, report),
+            junit,
+            timeline,
+        } => run(
+            paths,
+            RunFlags {
+                seed,
+                profile,
+                trace,
+                report,
+                junit,
+                timeline,
+            },
+        ),
         Command::Fuzz {
             profile,
             cases,
@@ -122,13 +140,24 @@ fn fuzz(profile: Profile, cases: u32, seed: u64, out: &Path, ops_max: usize) -> 
     ExitCode::FAILURE
 }
 
-fn run(
-    paths: Vec<PathBuf>,
+struct RunFlags {
     seed: Option<u64>,
     profile: Option<Profile>,
     trace: bool,
     report: bool,
-) -> ExitCode {
+    junit: Option<PathBuf>,
+    timeline: Option<PathBuf>,
+}
+
+fn run(paths: Vec<PathBuf>, flags: RunFlags) -> ExitCode {
+    let RunFlags {
+        seed,
+        profile,
+        trace,
+        report,
+        junit,
+        timeline,
+    } = flags;
     match seed {
         Some(s) => println!("seed: {s}"),
         None => println!("seed: from each scenario file (--seed N overrides)"),
@@ -168,6 +197,18 @@ fn run(
     }
     let options = RunOptions { seed, profile };
     let (mut passed, mut failed) = (0, 0);
+    let mut results: Vec<(
+        PathBuf,
+        String,
+        Result<im_sim::Outcome, String>,
+        std::time::Duration,
+    )> = Vec::new();
+    if let Some(dir) = &timeline
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        eprintln!("error: cannot create {}: {e}", dir.display());
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
     for (file, scenario) in &scenarios {
         let wall = std::time::Instant::now();
         let outcome = match run_scenario(scenario, options) {
@@ -175,10 +216,22 @@ fn run(
             Err(e) => {
                 failed += 1;
                 println!("FAIL {}  error: {e}", scenario.name);
+                results.push((
+                    file.clone(),
+                    scenario.name.clone(),
+                    Err(e.to_string()),
+                    wall.elapsed(),
+                ));
                 continue;
             }
         };
         let wall = wall.elapsed();
+        if let Some(dir) = &timeline {
+            let path = dir.join(format!("{}.md", scenario.name));
+            if let Err(e) = std::fs::write(&path, im_sim::report::timeline(&outcome)) {
+                eprintln!("error: cannot write {}: {e}", path.display());
+            }
+        }
         let violated = outcome.violated();
         let names = |v: &std::collections::BTreeSet<im_sim::Invariant>| {
             if v.is_empty() {
@@ -215,6 +268,22 @@ fn run(
                 outcome.seed,
                 outcome.profile
             );
+        }
+        results.push((file.clone(), scenario.name.clone(), Ok(outcome), wall));
+    }
+    if let Some(path) = &junit {
+        let cases: Vec<im_sim::report::JunitCase<'_>> = results
+            .iter()
+            .map(|(file, name, outcome, wall)| im_sim::report::JunitCase {
+                file,
+                name,
+                outcome: outcome.as_ref().map_err(Clone::clone),
+                wall: *wall,
+            })
+            .collect();
+        if let Err(e) = std::fs::write(path, im_sim::report::junit(&cases)) {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            return ExitCode::from(EXIT_BAD_INPUT);
         }
     }
     println!("{passed} passed, {failed} failed");

@@ -6,12 +6,14 @@
 //! - `determinism`: the same seed gives the same trace, byte for byte.
 //! - `generated`: generated scenarios round-trip through the file format;
 //!   fuzzing finds phase 1's bug and exports a file that replays it.
+//! - `reports`: `--junit` and `--timeline` write their files.
 //! - `malformed`: bad scenario files are reported with path and line, and
 //!   the runner exits 2 without running anything.
 
 mod determinism;
 mod generated;
 mod malformed;
+mod reports;
 mod scenarios;
 
 use std::path::PathBuf;
