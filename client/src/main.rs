@@ -83,12 +83,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut stdin_open = true;
-    let mut next_id = 1u64;
-    let mut close_requested = false;
-    let linger = tokio::time::sleep(Duration::MAX);
-    tokio::pin!(linger);
+    let mut input = Input::new(args.linger);
     loop {
         tokio::select! {
             biased;
@@ -102,29 +97,70 @@ async fn main() -> anyhow::Result<()> {
                 Some(Event::Closed(CloseCause::ByUser)) | None => return Ok(()),
                 Some(Event::Closed(cause)) => anyhow::bail!("connection closed: {cause:?}"),
             },
-            line = lines.next_line(), if stdin_open => match line.context("reading stdin")? {
-                Some(line) => {
-                    let line = line.trim();
-                    if line.is_empty() {
-                        continue;
-                    }
-                    match parse_line(line) {
-                        Some((to, text)) => {
-                            client.send(to, text, next_id).await?;
-                            next_id += 1;
-                        }
-                        None => eprintln!("expected `TO_USER_ID TEXT`, got {line:?}"),
-                    }
-                }
-                None => {
-                    stdin_open = false;
-                    linger.as_mut().reset(tokio::time::Instant::now() + args.linger);
-                }
+            // After Close, keep printing until the close completes.
+            input = input.next() => match input? {
+                Typed::Send { to, text, id } => client.send(to, &text, id).await?,
+                Typed::Close => client.close().await?,
             },
-            _ = &mut linger, if !close_requested => {
-                close_requested = true;
-                client.close().await?;
-                // Keep printing until the close completes.
+        }
+    }
+}
+
+/// What the user typed, as commands: stdin lines, then (once stdin has
+/// closed and `--linger` has passed) one Close.
+enum Typed {
+    Send { to: UserId, text: String, id: u64 },
+    Close,
+}
+
+/// Reads `TO_USER_ID TEXT` lines from stdin for either chat loop.
+struct Input {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>,
+    stdin_open: bool,
+    close_sent: bool,
+    next_id: u64,
+    linger: Duration,
+    close_at: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Input {
+    fn new(linger: Duration) -> Input {
+        Input {
+            lines: tokio::io::BufReader::new(tokio::io::stdin()).lines(),
+            stdin_open: true,
+            close_sent: false,
+            next_id: 1,
+            linger,
+            close_at: Box::pin(tokio::time::sleep(Duration::MAX)),
+        }
+    }
+
+    /// The next command; pends forever once Close was given.
+    async fn next(&mut self) -> anyhow::Result<Typed> {
+        if self.close_sent {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::select! {
+                line = self.lines.next_line(), if self.stdin_open => match line.context("reading stdin")? {
+                    Some(line) => match parse_line(line.trim()) {
+                        Some((to, text)) => {
+                            let id = self.next_id;
+                            self.next_id += 1;
+                            return Ok(Typed::Send { to, text: text.to_owned(), id });
+                        }
+                        None if line.trim().is_empty() => {}
+                        None => eprintln!("expected `TO_USER_ID TEXT`, got {:?}", line.trim()),
+                    },
+                    None => {
+                        self.stdin_open = false;
+                        self.close_at.as_mut().reset(tokio::time::Instant::now() + self.linger);
+                    }
+                },
+                _ = &mut self.close_at, if !self.close_sent => {
+                    self.close_sent = true;
+                    return Ok(Typed::Close);
+                }
             }
         }
     }
@@ -164,12 +200,8 @@ async fn hardened(args: Args, options: Options, interactive: bool) -> anyhow::Re
             None => anyhow::bail!("client stopped"),
         }
     }
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut stdin_open = true;
-    let mut next_id = 1u64;
-    let mut close_requested = false;
-    let linger = tokio::time::sleep(Duration::MAX);
-    tokio::pin!(linger);
+    let mut input = Input::new(args.linger);
+    let mut closing = false;
     loop {
         tokio::select! {
             biased;
@@ -179,34 +211,18 @@ async fn hardened(args: Args, options: Options, interactive: bool) -> anyhow::Re
                     eprintln!("message {client_msg_id} not sent: {reason}");
                 }
                 Some(ResilientEvent::Event(Event::ServerError { code, detail })) => eprintln!("server error {code}: {detail}"),
-                Some(ResilientEvent::Disconnected { cause, .. }) if !close_requested => eprintln!("disconnected ({cause:?}); reconnecting"),
+                Some(ResilientEvent::Disconnected { cause, .. }) if !closing => eprintln!("disconnected ({cause:?}); reconnecting"),
                 Some(ResilientEvent::Stopped(CloseCause::ByUser)) | None => return Ok(()),
                 Some(ResilientEvent::Stopped(cause)) => anyhow::bail!("connection closed: {cause:?}"),
                 Some(_) => {}
             },
-            line = lines.next_line(), if stdin_open => match line.context("reading stdin")? {
-                Some(line) => {
-                    let line = line.trim();
-                    if line.is_empty() {
-                        continue;
-                    }
-                    match parse_line(line) {
-                        Some((to, text)) => {
-                            client.send(to, text, next_id).await?;
-                            next_id += 1;
-                        }
-                        None => eprintln!("expected `TO_USER_ID TEXT`, got {line:?}"),
-                    }
-                }
-                None => {
-                    stdin_open = false;
-                    linger.as_mut().reset(tokio::time::Instant::now() + args.linger);
+            input = input.next() => match input? {
+                Typed::Send { to, text, id } => client.send(to, &text, id).await?,
+                Typed::Close => {
+                    closing = true;
+                    client.close().await?;
                 }
             },
-            _ = &mut linger, if !close_requested => {
-                close_requested = true;
-                client.close().await?;
-            }
         }
     }
 }
