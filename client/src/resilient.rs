@@ -2,7 +2,8 @@
 //! backoff, resumes its inbox after the last sequence it received, resends
 //! sends the server has not answered (the server deduplicates them by
 //! client message id), retries sends refused as "unavailable", and drops
-//! duplicate deliveries. It stops only when asked to, or when a newer
+//! duplicate deliveries. Sends to one recipient go one at a time, in order:
+//! a send refused and retried can never be stored after its successor. It stops only when asked to, or when a newer
 //! connection of the same device supersedes it (close 4001).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -147,11 +148,73 @@ struct State {
     last_seq: u64,
     seen: BTreeSet<(u64, u64)>,
     seen_order: VecDeque<(u64, u64)>,
-    /// Unanswered sends by client_msg_id.
-    pending: BTreeMap<u64, (UserId, String)>,
+    /// Unanswered sends.
+    outbox: Outbox,
     /// Sends refused as unavailable, to resend after `retry_after`.
     retry: BTreeSet<u64>,
     paused: bool,
+}
+
+/// Unanswered sends, queued per recipient. Only the oldest of each queue
+/// is on the wire; the next goes once it is answered. The server stores
+/// sends in the order they arrive, so with pipelining a send refused as
+/// unavailable and retried would be stored after a successor that got
+/// through (found by `im-sim sweep`, seed 18: Redis restarting between two
+/// sends). One in flight per conversation keeps each sender's order.
+#[derive(Debug, Default)]
+struct Outbox {
+    sends: BTreeMap<u64, (UserId, String)>,
+    queues: BTreeMap<UserId, VecDeque<u64>>,
+}
+
+impl Outbox {
+    fn len(&self) -> usize {
+        self.sends.len()
+    }
+
+    /// Queues a send; true when it heads its queue (send it now). An id
+    /// already waiting is not queued twice.
+    fn push(&mut self, to: UserId, text: String, id: u64) -> bool {
+        if self.sends.contains_key(&id) {
+            return false;
+        }
+        self.sends.insert(id, (to, text));
+        let queue = self.queues.entry(to).or_default();
+        queue.push_back(id);
+        queue.len() == 1
+    }
+
+    /// The send `id` if it is on the wire (heads its queue).
+    fn head(&self, id: u64) -> Option<(UserId, &str)> {
+        let (to, text) = self.sends.get(&id)?;
+        (self.queues.get(to)?.front() == Some(&id)).then_some((*to, text.as_str()))
+    }
+
+    /// Every send that should be on the wire, for a new connection.
+    fn heads(&self) -> Vec<(u64, UserId, String)> {
+        self.queues
+            .values()
+            .filter_map(|q| q.front())
+            .map(|id| {
+                let (to, text) = &self.sends[id];
+                (*id, *to, text.clone())
+            })
+            .collect()
+    }
+
+    /// `id` was answered: forgets it; returns its recipient's next send.
+    fn answered(&mut self, id: u64) -> Option<(u64, UserId, String)> {
+        let (to, _) = self.sends.remove(&id)?;
+        let queue = self.queues.get_mut(&to)?;
+        let was_head = queue.front() == Some(&id);
+        queue.retain(|q| *q != id);
+        let next = *queue.front()?;
+        if !was_head {
+            return None;
+        }
+        let (to, text) = &self.sends[&next];
+        Some((next, *to, text.clone()))
+    }
 }
 
 async fn run(
@@ -165,7 +228,7 @@ async fn run(
         last_seq: options.resume_after_seq,
         seen: BTreeSet::new(),
         seen_order: VecDeque::new(),
-        pending: BTreeMap::new(),
+        outbox: Outbox::default(),
         retry: BTreeSet::new(),
         paused: false,
     };
@@ -185,7 +248,7 @@ async fn run(
             Ok(c) => c,
             Err(error) => {
                 let _ = events.send(ResilientEvent::ConnectFailed { error }).await;
-                if wait_or_stop(&mut commands, &mut st, &r, backoff).await {
+                if wait_or_stop(&mut commands, &events, &mut st, &r, backoff).await {
                     let _ = events
                         .send(ResilientEvent::Stopped(CloseCause::ByUser))
                         .await;
@@ -202,8 +265,8 @@ async fn run(
             let _ = client.pause_reading(true).await;
         }
         // Whatever was not answered on the last connection goes again.
-        for (&id, (to, text)) in &st.pending {
-            let _ = client.send(*to, text, id).await;
+        for (id, to, text) in st.outbox.heads() {
+            let _ = client.send(to, &text, id).await;
         }
         st.retry.clear();
         let mut stopping = false;
@@ -214,13 +277,13 @@ async fn run(
                 biased;
                 cmd = commands.recv(), if !stopping => match cmd {
                     Some(Cmd::Send { to, text, id }) => {
-                        if st.pending.len() >= r.pending_max {
-                            let refused = Event::SendResult { client_msg_id: id, accepted: false, reason: "too many unanswered sends".into() };
-                            let _ = events.send(ResilientEvent::Event(refused)).await;
+                        if st.outbox.len() >= r.pending_max {
+                            refuse_full(&events, id).await;
                             continue;
                         }
-                        st.pending.insert(id, (to, text.clone()));
-                        let _ = client.send(to, &text, id).await;
+                        if st.outbox.push(to, text.clone(), id) {
+                            let _ = client.send(to, &text, id).await;
+                        }
                     }
                     Some(Cmd::Close) | None => {
                         stopping = true;
@@ -236,8 +299,8 @@ async fn run(
                 },
                 _ = &mut retry_timer, if !st.retry.is_empty() => {
                     for id in std::mem::take(&mut st.retry) {
-                        if let Some((to, text)) = st.pending.get(&id) {
-                            let _ = client.send(*to, text, id).await;
+                        if let Some((to, text)) = st.outbox.head(id) {
+                            let _ = client.send(to, text, id).await;
                         }
                     }
                 }
@@ -264,7 +327,9 @@ async fn run(
                             retry_timer.as_mut().reset(tokio::time::Instant::now() + r.retry_after);
                             continue;
                         }
-                        st.pending.remove(&client_msg_id);
+                        if let Some((id, to, text)) = st.outbox.answered(client_msg_id) {
+                            let _ = client.send(to, &text, id).await;
+                        }
                         let e = Event::SendResult { client_msg_id, accepted, reason };
                         let _ = events.send(ResilientEvent::Event(e)).await;
                     }
@@ -287,7 +352,7 @@ async fn run(
             let _ = events.send(ResilientEvent::Stopped(cause)).await;
             return;
         }
-        if wait_or_stop(&mut commands, &mut st, &r, backoff).await {
+        if wait_or_stop(&mut commands, &events, &mut st, &r, backoff).await {
             let _ = events
                 .send(ResilientEvent::Stopped(CloseCause::ByUser))
                 .await;
@@ -297,10 +362,21 @@ async fn run(
     }
 }
 
+/// Answers a send the outbox has no room for.
+async fn refuse_full(events: &mpsc::Sender<ResilientEvent>, id: u64) {
+    let refused = Event::SendResult {
+        client_msg_id: id,
+        accepted: false,
+        reason: "too many unanswered sends".into(),
+    };
+    let _ = events.send(ResilientEvent::Event(refused)).await;
+}
+
 /// Waits `delay` before the next dial while still taking commands: sends
 /// queue up, Reconnect cuts the wait short. Returns true on Close.
 async fn wait_or_stop(
     commands: &mut mpsc::Receiver<Cmd>,
+    events: &mpsc::Sender<ResilientEvent>,
     st: &mut State,
     r: &Resilience,
     delay: Duration,
@@ -311,8 +387,10 @@ async fn wait_or_stop(
             biased;
             cmd = commands.recv() => match cmd {
                 Some(Cmd::Send { to, text, id }) => {
-                    if st.pending.len() < r.pending_max {
-                        st.pending.insert(id, (to, text));
+                    if st.outbox.len() < r.pending_max {
+                        st.outbox.push(to, text, id);
+                    } else {
+                        refuse_full(events, id).await;
                     }
                 }
                 Some(Cmd::Close) | None => return true,
@@ -321,5 +399,31 @@ async fn wait_or_stop(
             },
             _ = tokio::time::sleep_until(until) => return false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_outbox_puts_one_send_per_recipient_on_the_wire_in_order() {
+        let mut o = Outbox::default();
+        assert!(o.push(UserId(2), "a".into(), 1));
+        assert!(!o.push(UserId(2), "b".into(), 2), "waits behind 1");
+        assert!(o.push(UserId(3), "c".into(), 3), "another conversation");
+        assert!(
+            !o.push(UserId(2), "a".into(), 1),
+            "a duplicate id is not queued"
+        );
+        assert_eq!(o.len(), 3);
+        let heads: Vec<u64> = o.heads().iter().map(|h| h.0).collect();
+        assert_eq!(heads, vec![1, 3]);
+        assert!(o.head(2).is_none());
+        assert_eq!(o.answered(1), Some((2, UserId(2), "b".into())));
+        assert_eq!(o.head(2), Some((UserId(2), "b")));
+        assert_eq!(o.answered(2), None);
+        assert_eq!(o.answered(3), None);
+        assert_eq!(o.len(), 0);
     }
 }

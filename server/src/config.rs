@@ -115,6 +115,97 @@ pub struct Switches {
     pub remove_on_push_error: bool,
 }
 
+/// A historical bug, switched back on: regression scenarios name the bugs
+/// they guard, and a test turns each one on and checks the scenario then
+/// fails, so every guard is proven to still catch its bug. Off in every
+/// profile; only tests and `im-sim run --bug` turn them on. (The phase-2
+/// probe is not here: it is the seed switch `probe_before_push`, and
+/// `phase2_ping_probe_kills_legacy_clients` reproduces it directly.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Bug {
+    /// Phase 1: a disconnect leaves presence behind (the seed never did
+    /// `SREM online_users`; hardened: the connection's lease is not removed).
+    Phase1Cleanup,
+    /// Phase 3: cleanup by user id, so a late cleanup of an old connection
+    /// also ends the user's newer ones (hardened: drops every lease of the
+    /// user and closes all of the user's connections on this node).
+    Phase3CleanupByUser,
+    /// Seed, every phase: "sent" means handed to a socket, not stored
+    /// (hardened: a send whose store failed is still answered ok).
+    SentBeforeStored,
+    /// Seed: only the read deadline noticed a dead peer (hardened: the
+    /// heartbeat timeout never fires).
+    NoHeartbeatTimeout,
+    /// Seed: a reconnect gets only new messages (hardened: the resume point
+    /// is ignored; the new connection starts at the inbox's end).
+    NoResume,
+    /// Seed: a retried send is a new message (hardened: no dedup).
+    NoDedup,
+    /// Seed: a newer connection of the same device does not end the old one.
+    NoSupersede,
+    /// Seed: presence without expiry, so a crashed node's users stay online
+    /// forever (hardened: leases are written without an expiry).
+    NoLeaseExpiry,
+    /// Sequence numbers restart from 0 after Redis loses its data, so a
+    /// device's resume point can sit above every new message.
+    SeqRestartsFromZero,
+    /// Phase 3 could not route between nodes (each node knew only its own
+    /// connections; hardened: no doorbell is published, so a recipient on
+    /// another node waits for its pump's poll).
+    NoDoorbells,
+}
+
+impl Bug {
+    pub const ALL: [Bug; 10] = [
+        Bug::Phase1Cleanup,
+        Bug::Phase3CleanupByUser,
+        Bug::SentBeforeStored,
+        Bug::NoHeartbeatTimeout,
+        Bug::NoResume,
+        Bug::NoDedup,
+        Bug::NoSupersede,
+        Bug::NoLeaseExpiry,
+        Bug::SeqRestartsFromZero,
+        Bug::NoDoorbells,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bug::Phase1Cleanup => "phase1_cleanup",
+            Bug::Phase3CleanupByUser => "phase3_cleanup_by_user",
+            Bug::SentBeforeStored => "sent_before_stored",
+            Bug::NoHeartbeatTimeout => "no_heartbeat_timeout",
+            Bug::NoResume => "no_resume",
+            Bug::NoDedup => "no_dedup",
+            Bug::NoSupersede => "no_supersede",
+            Bug::NoLeaseExpiry => "no_lease_expiry",
+            Bug::SeqRestartsFromZero => "seq_restarts_from_zero",
+            Bug::NoDoorbells => "no_doorbells",
+        }
+    }
+}
+
+impl fmt::Display for Bug {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown bug name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown bug {0:?} (expected one of: {names})", names = Bug::ALL.map(Bug::name).join(", "))]
+pub struct UnknownBug(pub String);
+
+impl FromStr for Bug {
+    type Err = UnknownBug;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Bug::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| UnknownBug(s.to_owned()))
+    }
+}
+
 /// Everything has a limit (TigerBeetle's "put a limit on everything").
 /// These hold in every profile.
 #[derive(Clone, Copy, Debug)]
@@ -231,6 +322,8 @@ pub struct Config {
     pub key_prefix: String,
     /// This node's name in logs (several nodes share one Redis).
     pub node: String,
+    /// Historical bugs switched back on (tests only; empty in production).
+    pub bugs: std::collections::BTreeSet<Bug>,
 }
 
 impl Config {
@@ -243,7 +336,23 @@ impl Config {
             clock: system_clock(),
             key_prefix: String::new(),
             node: "node1".to_owned(),
+            bugs: Default::default(),
         }
+    }
+
+    /// The profile's switches with any re-enabled seed bug applied: the
+    /// one place server code reads behaviour from.
+    pub fn switches(&self) -> Switches {
+        let mut s = self.profile.switches();
+        if !s.hardened && self.has(Bug::Phase1Cleanup) {
+            s.full_cleanup = false;
+        }
+        s
+    }
+
+    /// Whether a historical bug is switched back on.
+    pub fn has(&self, bug: Bug) -> bool {
+        self.bugs.contains(&bug)
     }
 
     /// A key of one user's, with a hash tag so all of a user's keys share
@@ -267,6 +376,7 @@ impl std::fmt::Debug for Config {
             .field("auth_secret", &self.auth_secret.as_ref().map(|_| "<set>"))
             .field("key_prefix", &self.key_prefix)
             .field("node", &self.node)
+            .field("bugs", &self.bugs)
             .finish()
     }
 }

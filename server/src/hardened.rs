@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::Shared;
+use crate::config::Bug;
 use crate::redis_link::RedisError;
 use crate::registry::{Closing, ConnHandle, WriteError};
 
@@ -161,7 +162,7 @@ pub(crate) async fn login(
         let superseded: Vec<ConnHandle> = mine
             .iter()
             .filter_map(|id| conns.by_id.get(id))
-            .filter(|e| e.device == device)
+            .filter(|e| e.device == device && !cfg.has(Bug::NoSupersede))
             .map(|e| e.handle.clone())
             .collect();
         conns.by_user.entry(user).or_default().insert(conn_id);
@@ -199,7 +200,12 @@ pub(crate) async fn login(
     if let Err(e) = shared.redis.query::<i64>(&bell).await {
         tracing::warn!(error = %e, "could not announce the new connection to other nodes");
     }
-    let pushed = Arc::new(AtomicU64::new(login.resume_after_seq));
+    let resume_from = if cfg.has(Bug::NoResume) {
+        last
+    } else {
+        login.resume_after_seq
+    };
+    let pushed = Arc::new(AtomicU64::new(resume_from));
     let pump = tokio::spawn(pump(shared.clone(), user, handle, wake, pushed.clone()));
     let h = cfg.hardened;
     let ok = pb::LoginOk {
@@ -236,10 +242,14 @@ pub(crate) async fn refresh_lease(
 ) -> Result<(), RedisError> {
     let cfg = &shared.config;
     let ttl = cfg.hardened.lease_ttl;
-    let expires = (cfg.clock)() + ttl.as_millis() as u64;
+    let expires = if cfg.has(Bug::NoLeaseExpiry) {
+        NEVER_MS
+    } else {
+        (cfg.clock)() + ttl.as_millis() as u64
+    };
     let conns = cfg.user_key(user, "conns");
-    let pipe = redis::pipe()
-        .cmd("ZADD")
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZADD")
         .arg(&conns)
         .arg(expires)
         .arg(key)
@@ -248,14 +258,18 @@ pub(crate) async fn refresh_lease(
         .arg(&conns)
         .arg("-inf")
         .arg((cfg.clock)())
-        .ignore()
-        .cmd("PEXPIRE")
-        .arg(&conns)
-        .arg(ttl.as_millis() as u64 * 2)
-        .ignore()
-        .clone();
+        .ignore();
+    if !cfg.has(Bug::NoLeaseExpiry) {
+        pipe.cmd("PEXPIRE")
+            .arg(&conns)
+            .arg(ttl.as_millis() as u64 * 2)
+            .ignore();
+    }
     shared.redis.query_pipe::<()>(&pipe).await
 }
+
+/// A lease score in the year 2100: [`Bug::NoLeaseExpiry`]'s "forever".
+const NEVER_MS: u64 = 4_102_444_800_000;
 
 /// Ends a connection's presence: exactly its own lease and local entry.
 pub(crate) async fn logout(shared: &Shared, node: &Node, conn_id: ConnId, attached: Attached) {
@@ -272,11 +286,38 @@ pub(crate) async fn logout(shared: &Shared, node: &Node, conn_id: ConnId, attach
         empty
     };
     let cfg = &shared.config;
+    if cfg.has(Bug::Phase3CleanupByUser) {
+        // The seed's RemoveWebSocketConnection(userID): everything of the
+        // user's goes, including connections newer than this one.
+        let others: Vec<ConnHandle> = {
+            let conns = node.lock();
+            conns
+                .by_user
+                .get(&attached.user)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| conns.by_id.get(id))
+                .map(|e| e.handle.clone())
+                .collect()
+        };
+        for h in others {
+            h.close(close(1000, "cleanup by user id"));
+        }
+        let del = redis::cmd("DEL")
+            .arg(cfg.user_key(attached.user, "conns"))
+            .clone();
+        let _ = shared.redis.query::<i64>(&del).await;
+    }
     let zrem = redis::cmd("ZREM")
         .arg(cfg.user_key(attached.user, "conns"))
         .arg(&attached.key)
         .clone();
-    match shared.redis.query::<i64>(&zrem).await {
+    let removed = if cfg.has(Bug::Phase1Cleanup) {
+        Ok(0)
+    } else {
+        shared.redis.query::<i64>(&zrem).await
+    };
+    match removed {
         Ok(_) => tracing::info!(key = attached.key, "lease removed"),
         Err(e) => {
             tracing::warn!(key = attached.key, error = %e, "lease not removed; it expires by itself")
@@ -304,10 +345,11 @@ pub(crate) async fn store(
     let cfg = &shared.config;
     let to = UserId(send.to_user_id);
     let dedup = cfg.user_key(to, &format!("dedup:{}:{}", from.0, send.client_msg_id));
-    if let Some(seq) = shared
-        .redis
-        .query::<Option<u64>>(redis::cmd("GET").arg(&dedup))
-        .await?
+    if !cfg.has(Bug::NoDedup)
+        && let Some(seq) = shared
+            .redis
+            .query::<Option<u64>>(redis::cmd("GET").arg(&dedup))
+            .await?
     {
         tracing::info!(
             to = to.0,
@@ -359,6 +401,9 @@ pub(crate) async fn store(
     shared.redis.query_pipe::<()>(&pipe).await?;
     // Doorbells: directly for this node, by pub/sub for the others.
     ring_local(node, to);
+    if cfg.has(Bug::NoDoorbells) {
+        return Ok(seq);
+    }
     if let Err(e) = shared
         .redis
         .query::<i64>(redis::cmd("PUBLISH").arg(cfg.user_key(to, "bell")).arg(seq))
@@ -375,7 +420,11 @@ pub(crate) async fn store(
 /// never lands in the future, and no message hides below a stale cursor.
 /// Returns a pipeline that sets the start if absent (its reply ignored).
 fn seq_start(shared: &Shared, user: UserId) -> redis::Pipeline {
-    let start = (shared.config.clock)().saturating_mul(1000);
+    let start = if shared.config.has(Bug::SeqRestartsFromZero) {
+        0
+    } else {
+        (shared.config.clock)().saturating_mul(1000)
+    };
     let mut pipe = redis::pipe();
     pipe.cmd("SET")
         .arg(shared.config.user_key(user, "seq"))
@@ -427,14 +476,26 @@ async fn pump(
                             continue;
                         }
                     };
-                    match handle.write_nowait(Message::Binary(bytes.into())) {
-                        Ok(()) => pushed.store(seq, Ordering::Relaxed),
+                    // Raised before the frame is queued: on a multi-threaded
+                    // runtime the client may ack it before this task runs
+                    // again, and the ack check must already know the seq.
+                    let before = pushed.fetch_max(seq, Ordering::Relaxed);
+                    // A backlog (a device back from a long absence) may be
+                    // larger than the outbound queue: wait for room, and
+                    // call it a slow consumer only when none comes.
+                    match handle.write_when_room(Message::Binary(bytes.into())).await {
+                        Ok(()) => {}
                         Err(WriteError::QueueFull) => {
-                            tracing::warn!("slow consumer: outbound queue full; closing");
+                            tracing::warn!(
+                                "slow consumer: outbound queue full for the write timeout; closing"
+                            );
                             handle.close(close(close_code::SLOW_CONSUMER, "slow consumer"));
                             return;
                         }
-                        Err(_) => return,
+                        Err(_) => {
+                            pushed.store(before, Ordering::Relaxed);
+                            return;
+                        }
                     }
                 }
                 if full {
@@ -529,6 +590,7 @@ fn on_push(shared: &Shared, node: &Node, push: redis::PushInfo) {
                 if let Some(e) = conns.by_id.get(id)
                     && e.device == device
                     && e.key != newer
+                    && !shared.config.has(Bug::NoSupersede)
                 {
                     tracing::info!(
                         conn_id = id.0,

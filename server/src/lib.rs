@@ -22,6 +22,7 @@
 //! by supplying a turmoil [`Listener`] and [`Connector`].
 
 pub mod config;
+pub mod fuzzing;
 mod hardened;
 pub mod listener;
 pub mod metrics;
@@ -40,7 +41,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
-pub use config::{Config, Limits, Profile, Switches};
+pub use config::{Bug, Config, Limits, Profile, Switches};
 pub use listener::{Connector, Listener, tcp_connector};
 pub use redis_link::RedisLink;
 
@@ -73,7 +74,7 @@ pub struct Server {
 impl Server {
     pub fn new(config: Config, redis: RedisLink) -> Server {
         let (stop, stop_rx) = watch::channel(false);
-        let (redis, hardened) = if config.profile.switches().hardened {
+        let (redis, hardened) = if config.switches().hardened {
             let (redis, pushes) = redis.with_pushes(1024);
             let node = hardened::Node::new((config.clock)(), pushes);
             (redis, Some(Arc::new(node)))
@@ -197,7 +198,7 @@ impl Shared {
     /// it (phase 1 and 2) only the local entry goes.
     async fn remove_websocket_connection(&self, user: UserId) {
         let removed = self.registry.remove_user(user);
-        if !self.config.profile.switches().full_cleanup {
+        if !self.config.switches().full_cleanup {
             tracing::info!(
                 user = user.0,
                 "local connection deleted; online_users left as it was"
@@ -219,7 +220,7 @@ impl Shared {
     /// The seed's push flow: is the user online in Redis? Is the connection
     /// in the local map? Write the frame. `Ok` is the seed's "sent".
     async fn push(&self, to: UserId, deliver: Message) -> Result<(), String> {
-        let switches = self.config.profile.switches();
+        let switches = self.config.switches();
         tracing::debug!(to = to.0, "push: checking online_users");
         match self.presence().is_online(to).await {
             Ok(true) => {}

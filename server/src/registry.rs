@@ -95,6 +95,18 @@ impl ConnHandle {
         self.enqueue(Outbound { msg, done: None })
     }
 
+    /// Queues a frame, waiting for room while the queue is full; a queue
+    /// that stays full for the write timeout is a slow consumer
+    /// ([`WriteError::QueueFull`]). For backlogs larger than the queue.
+    pub async fn write_when_room(&self, msg: Message) -> Result<(), WriteError> {
+        let out = Outbound { msg, done: None };
+        match tokio::time::timeout(self.write_timeout, self.outbound.send(out)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(WriteError::Closed),
+            Err(_) => Err(WriteError::QueueFull),
+        }
+    }
+
     fn enqueue(&self, out: Outbound) -> Result<(), WriteError> {
         self.outbound.try_send(out).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => WriteError::QueueFull,

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
+use crate::config::Bug;
 use crate::listener::Stream;
 use crate::registry::{Closing, ConnHandle, Outbound, WriteError};
 use crate::{Shared, metrics};
@@ -137,16 +138,22 @@ impl Session {
 
         let mut closing = closing_rx;
         let mut shutdown = shared.shutdown.clone();
-        let hardened = shared.config.profile.switches().hardened;
+        let hardened = shared.config.switches().hardened;
         let h = shared.config.hardened;
         let mut heartbeat = tokio::time::interval_at(
             tokio::time::Instant::now() + h.heartbeat_interval,
             h.heartbeat_interval,
         );
+        // When the client was last heard from. The read deadline counts from
+        // it, not from the loop's last turn: the heartbeat tick below also
+        // turns the loop, and must not push the deadline out (it did: a
+        // peer that died in silence was never timed out).
+        let mut heard = tokio::time::Instant::now();
         let cause = loop {
             let idle = match (session.user.is_some(), hardened) {
                 (false, _) => limits.login_timeout,
                 (true, false) => limits.read_idle_timeout,
+                (true, true) if shared.config.has(Bug::NoHeartbeatTimeout) => NO_TIMEOUT,
                 (true, true) => h.heartbeat_timeout,
             };
             let frame = tokio::select! {
@@ -166,8 +173,11 @@ impl Session {
                     session.heartbeat().await;
                     continue;
                 }
-                frame = tokio::time::timeout(idle, stream.next()) => frame,
+                frame = tokio::time::timeout_at(heard + idle, stream.next()) => frame,
             };
+            if let Ok(Some(_)) = &frame {
+                heard = tokio::time::Instant::now();
+            }
             let step = match frame {
                 Err(_) if session.user.is_none() => session.refuse(
                     CloseCode::Policy,
@@ -197,9 +207,12 @@ impl Session {
         tracing::info!(?cause, "connection ended");
         // Make sure the writer ends (it flushes a queued close frame first).
         session.handle.close(Closing::Drop);
-        if tokio::time::timeout(limits.write_timeout, &mut writer)
-            .await
-            .is_err()
+        // A JoinHandle must not be polled again once it has completed (the
+        // loop above may have seen it end).
+        if !writer.is_finished()
+            && tokio::time::timeout(limits.write_timeout, &mut writer)
+                .await
+                .is_err()
         {
             writer.abort();
         }
@@ -356,6 +369,7 @@ impl Session {
         } else if let Some(node) = &self.shared.hardened {
             match crate::hardened::store(&self.shared, node, from, &send).await {
                 Ok(seq) => msg::accepted(id, seq),
+                Err(_) if self.shared.config.has(Bug::SentBeforeStored) => msg::accepted(id, 0),
                 Err(e) => msg::rejected(id, format!("unavailable, retry: {e}")),
             }
         } else {
@@ -414,6 +428,9 @@ impl Session {
         }
     }
 }
+
+/// [`Bug::NoHeartbeatTimeout`]'s read timeout: about a year.
+const NO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
 /// A Binary frame holding one envelope.
 pub(crate) fn frame(body: Body) -> Message {

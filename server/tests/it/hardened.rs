@@ -209,3 +209,50 @@ async fn first_error(ws: &mut WebSocketStream<TcpStream>) -> pb::Error {
         }
     }
 }
+
+/// A client that logs in and then says nothing (no heartbeats) is closed
+/// with 4003 one heartbeat timeout after it was last heard, even though
+/// the server's own heartbeat ticks several times meanwhile. (A tick used
+/// to restart the read timeout, so a silent peer was never closed: found
+/// by the simulation and by the byte fuzzer.)
+#[tokio::test]
+async fn a_silent_client_is_closed_with_4003_although_the_server_keeps_beating() {
+    let node = Node::start_with(Profile::Hardened, "h_silent", |c| {
+        c.auth_secret = Some(SECRET.to_vec());
+        c.hardened.heartbeat_interval = std::time::Duration::from_millis(100);
+        c.hardened.heartbeat_timeout = std::time::Duration::from_millis(350);
+    })
+    .await;
+    let mut ws = raw_login(&node, 1001, 0).await;
+    let (mut beats, mut code) = (0, None);
+    // The server beats every 100 ms, so the whole wait needs a deadline.
+    let _ = tokio::time::timeout(PATIENCE, async {
+        while let Some(Ok(m)) = ws.next().await {
+            match m {
+                Message::Binary(b) => {
+                    if let Ok(Body::Heartbeat(hb)) = im_proto::decode(&b)
+                        && !hb.reply
+                    {
+                        beats += 1;
+                    }
+                }
+                Message::Close(f) => {
+                    code = f.map(|f| u16::from(f.code));
+                    break;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        code,
+        Some(im_proto::close_code::HEARTBEAT_TIMEOUT),
+        "not closed within {PATIENCE:?} ({beats} heartbeats seen)"
+    );
+    assert!(
+        beats >= 2,
+        "the server beat {beats} times before the timeout; the test needs ticks inside it"
+    );
+    node.stop().await;
+}
