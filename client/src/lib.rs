@@ -14,7 +14,10 @@
 //! - `Legacy`: the seed's phase-1/2 client, which read every frame as a
 //!   business message. See [`ClientProfile::Legacy`] for what it does when
 //!   it meets a Ping, and why that is the seed's phase-2 failure.
+//!
+//! [`mod@bench`] is `im-client bench`, a load generator built on [`Client`].
 
+pub mod bench;
 pub mod resilient;
 
 use std::fmt;

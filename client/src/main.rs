@@ -1,21 +1,43 @@
-//! `im-client`: a chat client for the terminal or a script.
+//! `im-client`: a chat client for the terminal or a script, and a load
+//! generator (`im-client bench`).
 //!
 //! Reads lines `TO_USER_ID TEXT` from stdin and sends each; prints every
 //! received message as `FROM_USER_ID TEXT` on stdout. When stdin is not a
 //! terminal it exits 0 once stdin has closed and `--linger` has passed.
+//!
+//! `im-client bench` measures a server (see `im_client::bench`): a human
+//! summary, then one JSON object as the last line of stdout.
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use im_client::bench::BenchOptions;
 use im_client::{Client, ClientProfile, CloseCause, Event, Options};
 use im_proto::UserId;
 use tokio::io::AsyncBufReadExt;
 
 /// The imsim chat client.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    chat: Option<Args>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measures a server: throughput, send->deliver latency and idle memory
+    /// per connection, each next to a bare WebSocket relay's. Prints a
+    /// summary, then one JSON object as the last line.
+    Bench(BenchArgs),
+}
+
+/// Chat: log in as one user and send and receive lines.
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Server endpoint.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
@@ -41,15 +63,82 @@ struct Args {
     linger: Duration,
 }
 
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// The server under test (loopback only for the idle part).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    url: String,
+    /// Hardened servers: mint login tokens with this secret.
+    #[arg(long)]
+    auth_secret: Option<String>,
+    /// Sender->receiver pairs of distinct users.
+    #[arg(long)]
+    pairs: usize,
+    /// How long each load phase sends (e.g. 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Total messages per second, paced; without it, as fast as the window
+    /// allows.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Messages one sender may have in flight.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Idle connections for the memory measurement (0 skips it).
+    #[arg(long, default_value_t = 5_000)]
+    idle_conns: usize,
+    /// The server's process id, to read its RSS; without it the idle part
+    /// is skipped.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+impl BenchArgs {
+    fn into_options(self) -> BenchOptions {
+        BenchOptions {
+            auth_secret: self.auth_secret,
+            pairs: self.pairs,
+            duration: self.duration,
+            rate: self.rate,
+            window: self.window,
+            idle_conns: self.idle_conns,
+            server_pid: self.server_pid,
+            ..BenchOptions::new(self.url)
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The bench reports its progress on stderr; chat stays quiet.
+    let default_filter = match cli.command {
+        Some(Command::Bench(_)) => "warn,im_client::bench=info",
+        None => "warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .init();
-    let args = Args::parse();
+    match (cli.command, cli.chat) {
+        (Some(Command::Bench(args)), _) => bench(args).await,
+        (None, Some(args)) => chat(args).await,
+        // clap requires --user without a subcommand; this is for safety.
+        (None, None) => anyhow::bail!("nothing to do: pass --user ID, or a subcommand"),
+    }
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let report = im_client::bench::run(args.into_options()).await?;
+    print!("{report}");
+    println!("{}", report.to_json());
+    Ok(())
+}
+
+async fn chat(args: Args) -> anyhow::Result<()> {
     let interactive = std::io::stdin().is_terminal();
     let mut options = Options::new(UserId(args.user), &args.url);
     options.profile = args.profile;
@@ -224,5 +313,57 @@ async fn hardened(args: Args, options: Options, interactive: bool) -> anyhow::Re
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_usage_still_parses() {
+        let cli =
+            Cli::try_parse_from(["im-client", "--user", "1001", "--auth-secret", "s"]).unwrap();
+        assert!(cli.command.is_none());
+        let chat = cli.chat.unwrap();
+        assert_eq!(chat.user, 1001);
+        assert_eq!(chat.auth_secret.as_deref(), Some("s"));
+        assert!(
+            Cli::try_parse_from(["im-client"]).is_err(),
+            "--user is required"
+        );
+    }
+
+    #[test]
+    fn bench_parses_as_a_subcommand() {
+        let cli = Cli::try_parse_from([
+            "im-client",
+            "bench",
+            "--url",
+            "ws://127.0.0.1:9/ws",
+            "--pairs",
+            "4",
+            "--duration",
+            "10s",
+            "--rate",
+            "500",
+            "--server-pid",
+            "42",
+        ])
+        .unwrap();
+        let Some(Command::Bench(args)) = cli.command else {
+            panic!("expected bench");
+        };
+        let opts = args.into_options();
+        assert_eq!(opts.pairs, 4);
+        assert_eq!(opts.duration, Duration::from_secs(10));
+        assert_eq!(opts.rate, Some(500.0));
+        assert_eq!(opts.server_pid, Some(42));
+        assert_eq!(opts.idle_conns, 5_000);
+        assert!(opts.validate().is_ok());
+        assert!(
+            Cli::try_parse_from(["im-client", "--user", "1", "bench", "--pairs", "1"]).is_err(),
+            "chat flags and bench do not mix"
+        );
     }
 }
