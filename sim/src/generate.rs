@@ -32,6 +32,7 @@ pub enum Op {
     Send { from: usize, to: usize },
     Disconnect { user: usize },
     Vanish { user: usize },
+    PowerOff { user: usize },
     Reconnect { user: usize, node: u64 },
     PartitionRedis { node: u64 },
     HealRedis { node: u64 },
@@ -66,6 +67,7 @@ fn op(users: usize, nodes: u64) -> impl Strategy<Value = Op> {
         5 => (user.clone(), user.clone()).prop_map(|(from, to)| Op::Send { from, to }),
         1 => user.clone().prop_map(|user| Op::Disconnect { user }),
         2 => user.clone().prop_map(|user| Op::Vanish { user }),
+        1 => user.clone().prop_map(|user| Op::PowerOff { user }),
         3 => (user, node.clone()).prop_map(|(user, node)| Op::Reconnect { user, node }),
         1 => node.clone().prop_map(|node| Op::PartitionRedis { node }),
         1 => node.clone().prop_map(|node| Op::HealRedis { node }),
@@ -94,6 +96,7 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
     let mut steps = Vec::new();
     let mut now = Duration::ZERO;
     let mut connected = vec![true; plan.users];
+    let mut off = vec![false; plan.users];
     let mut crashed = vec![false; plan.nodes as usize + 1];
     let mut cut_from_redis = vec![false; plan.nodes as usize + 1];
     let mut clients = BTreeMap::new();
@@ -142,7 +145,18 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                     device: DEFAULT_DEVICE.into(),
                 }
             }
-            Op::Reconnect { user, node } if !connected[user] && !crashed[node as usize] => {
+            Op::PowerOff { user } if connected[user] => {
+                connected[user] = false;
+                off[user] = true;
+                lease_wait = true;
+                Action::PowerOff {
+                    user: user_id(user),
+                    device: DEFAULT_DEVICE.into(),
+                }
+            }
+            Op::Reconnect { user, node }
+                if !connected[user] && !off[user] && !crashed[node as usize] =>
+            {
                 connected[user] = true;
                 Action::Reconnect {
                     user: user_id(user),
@@ -196,6 +210,7 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
             ..Timeouts::default()
         },
         network: Network::default(),
+        guards: Vec::new(),
         expect: Expect {
             violated: Vec::new(),
         },
@@ -222,6 +237,10 @@ pub fn to_toml(s: &Scenario, comment: &str) -> String {
     if !profiles.is_empty() {
         let _ = writeln!(out, "users = {{ {} }}", profiles.join(", "));
     }
+    if !s.guards.is_empty() {
+        let guards: Vec<String> = s.guards.iter().map(|b| format!("\"{b}\"")).collect();
+        let _ = writeln!(out, "guards = [{}]", guards.join(", "));
+    }
     let _ = writeln!(out, "\nstep = [");
     for step in &s.steps {
         let at = format!("at = \"{}ms\"", step.at.as_millis());
@@ -242,6 +261,9 @@ pub fn to_toml(s: &Scenario, comment: &str) -> String {
             }
             Action::Vanish { user, device } => {
                 format!("do = \"vanish\", user = {user}{}", dev(device))
+            }
+            Action::PowerOff { user, device } => {
+                format!("do = \"power_off\", user = {user}{}", dev(device))
             }
             Action::Reconnect { user, device, node } => {
                 let node = node.map(|n| format!(", node = {n}")).unwrap_or_default();
@@ -381,4 +403,24 @@ pub fn fuzz(
         }
         Err(TestError::Abort(why)) => Err(why.to_string()),
     }
+}
+
+/// The plan a sweep plays for `seed`: drawn from [`plans`] with a
+/// generator seeded by `seed` alone, and played with turmoil seed `seed`.
+pub fn plan_for_seed(seed: u64, ops_max: usize) -> Plan {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    bytes[8..16].copy_from_slice(b"im-sweep");
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+    );
+    let mut plan = plans(ops_max)
+        .new_tree(&mut runner)
+        .expect("the plan strategy has no filters, so it always generates")
+        .current();
+    plan.seed = seed;
+    plan
 }

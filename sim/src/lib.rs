@@ -17,30 +17,35 @@ compile_error!(
      a RUSTFLAGS environment variable replaces that setting"
 );
 
+pub mod coverage;
 pub mod generate;
 pub mod history;
 pub mod invariants;
 pub mod redis_model;
 pub mod report;
 pub mod scenario;
+pub mod sweep;
 pub mod trace;
+pub mod wire;
 pub mod world;
 
 use std::collections::BTreeSet;
 
-use im_server::Profile;
+use im_server::{Bug, Profile};
 
 pub use invariants::{Invariant, Verdict};
 pub use scenario::{Scenario, ScenarioError};
 pub use world::{RunResult, SimError};
 
 /// How to play a scenario.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     /// Replaces the scenario's seed.
     pub seed: Option<u64>,
     /// Replaces the scenario's server profile ("does this story break P?").
     pub profile: Option<Profile>,
+    /// Historical bugs switched back on in every node.
+    pub bugs: BTreeSet<Bug>,
 }
 
 /// One played scenario, judged.
@@ -52,10 +57,15 @@ pub struct Outcome {
     pub run: RunResult,
     pub verdicts: Vec<Verdict>,
     /// What the scenario must show under `profile`: its declared violations
-    /// under its own profile; under another profile, none.
+    /// under its own profile; under another profile, or with a bug switched
+    /// back on, none (so any violation shows the change was caught).
     pub expected: BTreeSet<Invariant>,
     /// Server and client logs with simulated timestamps.
     pub trace: String,
+    /// Historical bugs that were switched back on.
+    pub bugs: BTreeSet<Bug>,
+    /// The dangerous states the run reached ("sometimes" assertions).
+    pub reached: coverage::Reached,
 }
 
 impl Outcome {
@@ -82,6 +92,9 @@ impl Outcome {
         for r in &self.run.history.records {
             s.push_str(&format!("{} {:?}\n", history::fmt_time(r.at), r.event));
         }
+        for w in &self.run.wire {
+            s.push_str(&format!("{} {w:?}\n", history::fmt_time(w.at)));
+        }
         s.push_str(&self.trace);
         s
     }
@@ -91,10 +104,10 @@ impl Outcome {
 pub fn run_scenario(scenario: &Scenario, options: RunOptions) -> Result<Outcome, SimError> {
     let seed = options.seed.unwrap_or(scenario.seed);
     let profile = options.profile.unwrap_or(scenario.server);
-    let (run, trace) = trace::capture(|| world::run(scenario, seed, profile));
+    let (run, trace) = trace::capture(|| world::run(scenario, seed, profile, &options.bugs));
     let run = run?;
     let verdicts = invariants::check(&run);
-    let expected = if profile == scenario.server {
+    let expected = if profile == scenario.server && options.bugs.is_empty() {
         scenario.expect.violated.iter().copied().collect()
     } else {
         BTreeSet::new()
@@ -103,9 +116,11 @@ pub fn run_scenario(scenario: &Scenario, options: RunOptions) -> Result<Outcome,
         scenario: scenario.clone(),
         seed,
         profile,
-        run,
+        reached: coverage::reached(&run),
         verdicts,
         expected,
         trace,
+        bugs: options.bugs,
+        run,
     })
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use im_server::Profile;
+use im_server::{Bug, Profile};
 use im_sim::{RunOptions, Scenario, run_scenario};
 
 /// imsim's deterministic simulation harness.
@@ -39,6 +39,10 @@ enum Command {
         /// Writes a Mermaid sequence diagram of each run to DIR/<name>.md.
         #[arg(long)]
         timeline: Option<PathBuf>,
+        /// Switches a historical bug back on in every node (repeatable); the
+        /// story must then hold every invariant, so a guard fails.
+        #[arg(long = "bug", value_name = "BUG")]
+        bugs: Vec<Bug>,
     },
     /// Generates runs (proptest), shrinks the first failure to a minimal
     /// schedule and writes it as a scenario file that `run` replays.
@@ -59,6 +63,29 @@ enum Command {
         #[arg(long, default_value_t = 12)]
         ops_max: usize,
     },
+    /// Plays one generated run per seed, reports failures with their
+    /// replay command and how often each dangerous state was reached.
+    Sweep {
+        /// Server profile to attack.
+        #[arg(long, default_value = "hardened")]
+        profile: Profile,
+        /// Seeds: A..B (B excluded) or A..=B.
+        #[arg(long, value_parser = im_sim::sweep::parse_seeds)]
+        seeds: std::ops::Range<u64>,
+        /// Only this shard of the seeds: I/N (1-based), for splitting a
+        /// sweep across CI machines.
+        #[arg(long, default_value = "1/1")]
+        shard: im_sim::sweep::Shard,
+        /// Most ops per generated run.
+        #[arg(long, default_value_t = 12)]
+        ops_max: usize,
+        /// Writes each failing run as a scenario file into DIR.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Fails (exit 1) if a dangerous state was never reached.
+        #[arg(long)]
+        require_coverage: bool,
+    },
 }
 
 /// Exit code for input that could not be read as scenarios.
@@ -75,6 +102,7 @@ fn main() -> ExitCode {
             report,
             junit,
             timeline,
+            bugs,
         } => run(
             paths,
             RunFlags {
@@ -84,6 +112,7 @@ fn main() -> ExitCode {
                 report,
                 junit,
                 timeline,
+                bugs,
             },
         ),
         Command::Fuzz {
@@ -93,6 +122,101 @@ fn main() -> ExitCode {
             out,
             ops_max,
         } => fuzz(profile, cases, seed, &out, ops_max),
+        Command::Sweep {
+            profile,
+            seeds,
+            shard,
+            ops_max,
+            out,
+            require_coverage,
+        } => sweep(profile, seeds, shard, ops_max, out, require_coverage),
+    }
+}
+
+fn sweep(
+    profile: Profile,
+    seeds: std::ops::Range<u64>,
+    shard: im_sim::sweep::Shard,
+    ops_max: usize,
+    out: Option<PathBuf>,
+    require_coverage: bool,
+) -> ExitCode {
+    use im_sim::sweep::{Tally, run_seed, shard_seeds};
+    let mine: Vec<u64> = shard_seeds(seeds.clone(), shard).collect();
+    println!(
+        "sweep: {profile}, seeds {}..{} shard {}/{}: {} runs",
+        seeds.start,
+        seeds.end,
+        shard.index,
+        shard.count,
+        mine.len()
+    );
+    let bar = indicatif::ProgressBar::new(mine.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} seeds, {msg} ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let wall = std::time::Instant::now();
+    let mut tally = Tally::default();
+    let mut failures = 0u64;
+    for seed in mine {
+        bar.set_message(format!("{failures} failed"));
+        let outcome = match run_seed(profile, seed, ops_max) {
+            Ok(o) => o,
+            Err(e) => {
+                failures += 1;
+                bar.suspend(|| println!("FAIL seed {seed}: {e}"));
+                bar.inc(1);
+                continue;
+            }
+        };
+        tally.add(&outcome);
+        if !outcome.passed() {
+            failures += 1;
+            let names: Vec<&str> = outcome.violated().iter().map(|i| i.name()).collect();
+            bar.suspend(|| {
+                println!("FAIL seed {seed}: violated {}", names.join(", "));
+                println!(
+                    "  replay: im-sim sweep --profile {profile} --seeds {seed}..={seed} --ops-max {ops_max}"
+                );
+                if let Some(dir) = &out {
+                    let file = dir.join(format!("{}.toml", outcome.scenario.name));
+                    let comment = format!(
+                        "Sweep seed {seed} against {profile}: violates {}.\n\
+                         Replay: im-sim run {}",
+                        names.join(", "),
+                        file.display()
+                    );
+                    let text = im_sim::generate::to_toml(&outcome.scenario, &comment);
+                    match std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&file, text)) {
+                        Ok(()) => println!("  replay: im-sim run {}", file.display()),
+                        Err(e) => eprintln!("  error: cannot write {}: {e}", file.display()),
+                    }
+                }
+            });
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    print!("{}", tally.table());
+    println!(
+        "{} runs, {failures} failed, {:.1}s",
+        tally.runs,
+        wall.elapsed().as_secs_f64()
+    );
+    let never = tally.never();
+    if require_coverage && !never.is_empty() {
+        let names: Vec<&str> = never.iter().map(|s| s.name()).collect();
+        println!("never reached: {}", names.join(", "));
+        return ExitCode::FAILURE;
+    }
+    if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -147,6 +271,7 @@ struct RunFlags {
     report: bool,
     junit: Option<PathBuf>,
     timeline: Option<PathBuf>,
+    bugs: Vec<Bug>,
 }
 
 fn run(paths: Vec<PathBuf>, flags: RunFlags) -> ExitCode {
@@ -157,6 +282,7 @@ fn run(paths: Vec<PathBuf>, flags: RunFlags) -> ExitCode {
         report,
         junit,
         timeline,
+        bugs,
     } = flags;
     match seed {
         Some(s) => println!("seed: {s}"),
@@ -195,7 +321,11 @@ fn run(paths: Vec<PathBuf>, flags: RunFlags) -> ExitCode {
         eprintln!("error: no scenario files under {paths:?}");
         return ExitCode::from(EXIT_BAD_INPUT);
     }
-    let options = RunOptions { seed, profile };
+    let options = RunOptions {
+        seed,
+        profile,
+        bugs: bugs.iter().copied().collect(),
+    };
     let (mut passed, mut failed) = (0, 0);
     let mut results: Vec<(
         PathBuf,
@@ -211,7 +341,7 @@ fn run(paths: Vec<PathBuf>, flags: RunFlags) -> ExitCode {
     }
     for (file, scenario) in &scenarios {
         let wall = std::time::Instant::now();
-        let outcome = match run_scenario(scenario, options) {
+        let outcome = match run_scenario(scenario, options.clone()) {
             Ok(o) => o,
             Err(e) => {
                 failed += 1;
@@ -262,8 +392,9 @@ fn run(paths: Vec<PathBuf>, flags: RunFlags) -> ExitCode {
         } else {
             failed += 1;
             println!("{}", outcome.report());
+            let bug_flags: String = bugs.iter().map(|b| format!(" --bug {b}")).collect();
             println!(
-                "replay: im-sim run {} --seed {} --profile {}",
+                "replay: im-sim run {} --seed {} --profile {}{bug_flags}",
                 file.display(),
                 outcome.seed,
                 outcome.profile

@@ -33,6 +33,15 @@ pub fn render(o: &Outcome) -> String {
     let _ = writeln!(out, "expected violations: {}", list(&o.expected));
     let _ = writeln!(out, "observed violations: {}", list(&o.violated()));
     let _ = writeln!(out, "verdict: {}", if o.passed() { "PASS" } else { "FAIL" });
+    if !o.bugs.is_empty() {
+        let bugs: Vec<&str> = o.bugs.iter().map(|b| b.name()).collect();
+        let _ = writeln!(out, "bugs switched back on: {}", bugs.join(", "));
+    }
+    let _ = writeln!(
+        out,
+        "dangerous states reached: {}",
+        crate::coverage::summary(&o.reached)
+    );
 
     let _ = writeln!(out, "\nmessages");
     let _ = writeln!(
@@ -102,6 +111,9 @@ pub fn render(o: &Outcome) -> String {
             for p in &v.problems {
                 let _ = writeln!(out, "       {p}");
             }
+        }
+        for n in &v.notes {
+            let _ = writeln!(out, "       note: {n}");
         }
     }
 

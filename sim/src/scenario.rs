@@ -7,6 +7,7 @@
 //! seed = 1                     # turmoil's RNG seed (overridable by --seed)
 //! nodes = 1                    # server nodes: node1, node2, ...
 //! users = { 1002 = "legacy" }  # optional per-user client profile
+//! guards = ["phase3_cleanup_by_user"]  # historical bugs this story catches
 //!
 //! [timeouts]                   # all optional; durations as "250ms", "30s", "2m"
 //! idle = "60s"                 # server closes a connection silent this long
@@ -28,7 +29,8 @@
 //!
 //! Steps (`do = ...`): `connect`, `disconnect` (clean close), `vanish`
 //! (silent loss: partition, then the client drops its socket, so its FIN is
-//! lost), `reconnect` (heals a vanish, drops any old socket, connects
+//! lost), `power_off` (the device dies for good while cut off: no FIN, no
+//! RST, ever; it takes no further steps), `reconnect` (heals a vanish, drops any old socket, connects
 //! anew), `send` (`count = N` for a burst), `wait`, `partition`/`heal` (between two hosts),
 //! `crash`/`restart` (a server node), `drain` (a node's graceful
 //! shutdown: its clients are told to go elsewhere), `redis_stop`/`redis_restart`
@@ -49,7 +51,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use im_client::ClientProfile;
-use im_server::Profile;
+use im_server::{Bug, Profile};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -97,6 +99,8 @@ struct File {
     timeouts: Timeouts,
     #[serde(default)]
     network: Network,
+    #[serde(default)]
+    guards: Vec<Spanned<String>>,
     expect: Expect,
     #[serde(default, rename = "step")]
     steps: Vec<Spanned<Step>>,
@@ -177,6 +181,12 @@ pub enum Step {
         at: Option<Dur>,
     },
     Vanish {
+        user: u64,
+        /// The device (default "phone"); several devices may share a user.
+        device: Option<String>,
+        at: Option<Dur>,
+    },
+    PowerOff {
         user: u64,
         /// The device (default "phone"); several devices may share a user.
         device: Option<String>,
@@ -280,6 +290,12 @@ pub enum Action {
         user: u64,
         device: String,
     },
+    /// The device dies for good while cut off: its host crashes and never
+    /// returns, so nothing ever answers the server's writes (not even RST).
+    PowerOff {
+        user: u64,
+        device: String,
+    },
     Reconnect {
         user: u64,
         device: String,
@@ -343,6 +359,9 @@ pub struct Scenario {
     pub nodes: u64,
     pub timeouts: Timeouts,
     pub network: Network,
+    /// Historical bugs this story catches: switched back on (`--bug`), each
+    /// must make the run fail (a test proves it for every file).
+    pub guards: Vec<Bug>,
     pub expect: Expect,
     pub steps: Vec<TimedStep>,
 }
@@ -413,6 +432,7 @@ impl Scenario {
         let mut steps = Vec::new();
         let mut now = Duration::ZERO;
         let mut connected = BTreeMap::<(u64, String), bool>::new();
+        let mut off = std::collections::BTreeSet::<(u64, String)>::new();
         for spanned in &file.steps {
             let span = spanned.span();
             let err = |m: String| (span.clone(), m);
@@ -425,6 +445,7 @@ impl Scenario {
                 Step::Connect { at, .. }
                 | Step::Disconnect { at, .. }
                 | Step::Vanish { at, .. }
+                | Step::PowerOff { at, .. }
                 | Step::Reconnect { at, .. }
                 | Step::Send { at, .. }
                 | Step::Drain { at, .. }
@@ -460,7 +481,12 @@ impl Scenario {
                 }
             };
             let known = |dev: &(u64, String), what: &str| {
-                if connected.contains_key(dev) {
+                if off.contains(dev) {
+                    Err(err(format!(
+                        "user {} (device {:?}) was powered off; it takes no `{what}` step after that",
+                        dev.0, dev.1
+                    )))
+                } else if connected.contains_key(dev) {
                     Ok(())
                 } else {
                     Err(err(format!(
@@ -488,6 +514,12 @@ impl Scenario {
                         )));
                     }
                     node_ok(node)?;
+                    if off.contains(&d) {
+                        return Err(err(format!(
+                            "user {user} (device {:?}) was powered off; it takes no `connect` step after that",
+                            d.1
+                        )));
+                    }
                     if connected.get(&d) == Some(&true) {
                         return Err(err(format!(
                             "user {user} (device {:?}) is already connected; use `reconnect`",
@@ -513,6 +545,13 @@ impl Scenario {
                     known(&d, "vanish")?;
                     connected.insert(d.clone(), false);
                     Action::Vanish { user, device: d.1 }
+                }
+                Step::PowerOff { user, device, .. } => {
+                    let d = dev(user, device);
+                    known(&d, "power_off")?;
+                    connected.insert(d.clone(), false);
+                    off.insert(d.clone());
+                    Action::PowerOff { user, device: d.1 }
                 }
                 Step::Reconnect {
                     user, device, node, ..
@@ -613,6 +652,17 @@ impl Scenario {
             }
             clients.insert(id, p);
         }
+        let mut guards = Vec::new();
+        for g in &file.guards {
+            let bug = g
+                .get_ref()
+                .parse::<Bug>()
+                .map_err(|e| (g.span(), e.to_string()))?;
+            if guards.contains(&bug) {
+                return Err((g.span(), format!("guards: {bug} named twice")));
+            }
+            guards.push(bug);
+        }
         Ok(Scenario {
             name: name.to_owned(),
             server,
@@ -622,6 +672,7 @@ impl Scenario {
             nodes: file.nodes,
             timeouts: t,
             network: file.network,
+            guards,
             expect: file.expect,
             steps,
         })

@@ -13,20 +13,21 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use im_client::resilient::{Dial, Resilience, Resilient, ResilientEvent};
 use im_client::{Client, ClientProfile, Event as ClientEvent, Options};
 use im_proto::UserId;
 use im_server::listener::BoxStream;
-use im_server::{Config, Connector, Listener, Profile, RedisLink, Server};
+use im_server::{Bug, Config, Connector, Listener, Profile, RedisLink, Server};
 use tokio::sync::Notify;
 
 use crate::history::{Event, History, MsgKey};
 use crate::redis_model::{self, SharedRedis};
 use crate::scenario::{Action, Scenario, device_host};
+use crate::wire::{NetState, ServerTap, WireLog, WireRecord};
 
 /// A user's device: (user id, device name).
 pub type Dev = (u64, String);
@@ -53,17 +54,28 @@ pub struct RunResult {
     pub intended_online: BTreeSet<Dev>,
     /// (recipient, message) stored in an inbox at quiescence (hardened).
     pub stored: BTreeSet<(u64, MsgKey)>,
+    /// (recipient, message) stored more than once in one inbox.
+    pub stored_twice: BTreeSet<(u64, MsgKey)>,
     /// How long the run lasted in simulated time.
     pub elapsed: Duration,
+    /// Every frame the nodes wrote, seen at their sockets.
+    pub wire: Vec<WireRecord>,
 }
 
-/// A turmoil listener behind the server's transport seam.
-struct TurmoilListener(turmoil::net::TcpListener);
+/// A turmoil listener behind the server's transport seam; each accepted
+/// stream is tapped (see [`crate::wire`]).
+struct TurmoilListener {
+    inner: turmoil::net::TcpListener,
+    node: u64,
+    wire: WireLog,
+}
 
 impl Listener for TurmoilListener {
-    type Stream = turmoil::net::TcpStream;
+    type Stream = ServerTap<turmoil::net::TcpStream>;
     async fn accept(&mut self) -> io::Result<(Self::Stream, SocketAddr)> {
-        self.0.accept().await
+        let (stream, peer) = self.inner.accept().await?;
+        let host = turmoil::reverse_lookup(peer.ip()).unwrap_or_else(|| peer.ip().to_string());
+        Ok((self.wire.tap(stream, self.node, host), peer))
     }
 }
 
@@ -200,6 +212,9 @@ struct AgentCtx {
     mailbox: Mailbox,
     activity: Arc<Activity>,
     history: Rc<RefCell<History>>,
+    /// The highest inbox sequence this device received: an app keeps it
+    /// across restarts, so a new client session resumes after it.
+    last_seq: std::cell::Cell<u64>,
 }
 
 impl AgentCtx {
@@ -365,20 +380,36 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
 
 /// A user's device running the resilient (hardened) client: it keeps
 /// itself connected; the driver only says where and when to start, stop or
-/// redial. A vanish is the network going silent: the app stays, notices by
-/// heartbeat timeout, and redials by itself.
+/// redial. A vanish cuts the network, then the app drops its socket (the
+/// FIN is lost: the server keeps a half-open connection) and redials by
+/// itself until the network is back. A middlebox drop is silent to both
+/// ends: the app notices by heartbeat timeout.
 async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
     let mut client: Option<Resilient> = None;
     let mut conn = 0u64;
+    // Closed by the story; its Stopped event may still be on the way.
+    let mut closed = false;
     loop {
         let cmd = ctx.mailbox.queue.borrow_mut().pop_front();
         if let Some(cmd) = cmd {
             match cmd {
                 Cmd::Connect { node } => {
                     ctx.home.store(node, Ordering::Relaxed);
-                    match &client {
-                        Some(c) => {
+                    match client.take() {
+                        Some(c) if !closed => {
                             let _ = c.reconnect().await;
+                            client = Some(c);
+                        }
+                        Some(mut old) => {
+                            // A connect right after a disconnect: the old
+                            // client finishes closing first, then a new one
+                            // starts (a closed client does not reconnect).
+                            let drain = async {
+                                while !record_resilient(&ctx, &mut conn, old.next_event().await) {}
+                            };
+                            let _ = tokio::time::timeout(ctx.connect_timeout, drain).await;
+                            closed = false;
+                            client = Some(start_resilient(&ctx));
                         }
                         None => client = Some(start_resilient(&ctx)),
                     }
@@ -386,9 +417,19 @@ async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
                 Cmd::Close => {
                     if let Some(c) = &client {
                         let _ = c.close().await;
+                        closed = true;
                     }
                 }
-                Cmd::Abort => {}
+                // The app drops its socket while the network is cut (its
+                // FIN is lost, so the server holds a half-open connection)
+                // and, being resilient, starts redialing at once.
+                Cmd::Abort => {
+                    if let Some(c) = &client
+                        && !closed
+                    {
+                        let _ = c.reconnect().await;
+                    }
+                }
                 Cmd::Send {
                     key,
                     to,
@@ -430,69 +471,81 @@ async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
                 }
             } => event,
         };
-        let node = ctx.home.load(Ordering::Relaxed);
-        match event {
-            Some(ResilientEvent::Connected { conn_id }) => {
-                conn = conn_id;
-                let node = ctx.reached.load(Ordering::Relaxed);
-                ctx.record(Event::Connected {
-                    user: ctx.user,
-                    device: ctx.device.clone(),
-                    node,
-                    conn,
-                });
-            }
-            Some(ResilientEvent::Disconnected { conn_id, cause }) => ctx.record(Event::Closed {
-                user: ctx.user,
-                device: ctx.device.clone(),
-                conn: conn_id,
-                cause: format!("{cause:?}"),
-            }),
-            Some(ResilientEvent::ConnectFailed { error }) => ctx.record(Event::ConnectFailed {
+        if record_resilient(&ctx, &mut conn, event) {
+            client = None;
+            closed = false;
+        }
+    }
+}
+
+/// Records one event of a hardened device's client; true once it stopped.
+fn record_resilient(ctx: &AgentCtx, conn: &mut u64, event: Option<ResilientEvent>) -> bool {
+    let node = ctx.home.load(Ordering::Relaxed);
+    match event {
+        Some(ResilientEvent::Connected { conn_id }) => {
+            *conn = conn_id;
+            let node = ctx.reached.load(Ordering::Relaxed);
+            ctx.record(Event::Connected {
                 user: ctx.user,
                 device: ctx.device.clone(),
                 node,
-                error,
-            }),
-            Some(ResilientEvent::Event(ClientEvent::Delivered {
-                from,
-                text,
-                client_msg_id,
-                ..
-            })) => ctx.record(Event::Delivered {
+                conn: *conn,
+            });
+        }
+        Some(ResilientEvent::Disconnected { conn_id, cause }) => ctx.record(Event::Closed {
+            user: ctx.user,
+            device: ctx.device.clone(),
+            conn: conn_id,
+            cause: format!("{cause:?}"),
+        }),
+        Some(ResilientEvent::ConnectFailed { error }) => ctx.record(Event::ConnectFailed {
+            user: ctx.user,
+            device: ctx.device.clone(),
+            node,
+            error,
+        }),
+        Some(ResilientEvent::Event(ClientEvent::Delivered {
+            from,
+            text,
+            client_msg_id,
+            seq,
+        })) => {
+            ctx.last_seq.set(ctx.last_seq.get().max(seq));
+            ctx.record(Event::Delivered {
                 to: ctx.user,
                 device: ctx.device.clone(),
-                conn,
+                conn: *conn,
                 key: MsgKey {
                     from: from.0,
                     id: client_msg_id,
                 },
                 text,
-            }),
-            Some(ResilientEvent::Event(ClientEvent::SendResult {
-                client_msg_id,
-                accepted,
-                reason,
-            })) => ctx.record(Event::SendResult {
-                key: MsgKey {
-                    from: ctx.user,
-                    id: client_msg_id,
-                },
-                accepted,
-                reason,
-            }),
-            Some(ResilientEvent::Event(ClientEvent::ServerError { code, detail })) => {
-                ctx.record(Event::ServerError {
-                    user: ctx.user,
-                    device: ctx.device.clone(),
-                    code,
-                    detail,
-                })
-            }
-            Some(ResilientEvent::Event(ClientEvent::Closed(_))) => {}
-            Some(ResilientEvent::Stopped(_)) | None => client = None,
+            });
         }
+        Some(ResilientEvent::Event(ClientEvent::SendResult {
+            client_msg_id,
+            accepted,
+            reason,
+        })) => ctx.record(Event::SendResult {
+            key: MsgKey {
+                from: ctx.user,
+                id: client_msg_id,
+            },
+            accepted,
+            reason,
+        }),
+        Some(ResilientEvent::Event(ClientEvent::ServerError { code, detail })) => {
+            ctx.record(Event::ServerError {
+                user: ctx.user,
+                device: ctx.device.clone(),
+                code,
+                detail,
+            })
+        }
+        Some(ResilientEvent::Event(ClientEvent::Closed(_))) => {}
+        Some(ResilientEvent::Stopped(_)) | None => return true,
     }
+    false
 }
 
 fn start_resilient(ctx: &AgentCtx) -> Resilient {
@@ -538,11 +591,17 @@ fn start_resilient(ctx: &AgentCtx) -> Resilient {
     options.token = im_proto::token::mint(AUTH_SECRET, user, unix_ms() / 1000 + 86_400);
     options.device = ctx.device.clone();
     options.login_timeout = ctx.connect_timeout;
+    options.resume_after_seq = ctx.last_seq.get();
     Resilient::start(dial, options, Resilience::default())
 }
 
 /// Plays `scenario` with `seed` against `profile`; returns what happened.
-pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult, SimError> {
+pub fn run(
+    scenario: &Scenario,
+    seed: u64,
+    profile: Profile,
+    bugs: &BTreeSet<Bug>,
+) -> Result<RunResult, SimError> {
     let t = scenario.timeouts;
     let settle = t.settle.0;
     // Story, settle, heal + settle, liveness + settle, plus margin.
@@ -565,6 +624,7 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
             redis_model::serve_turmoil(redis.clone(), REDIS_PORT)
         });
     }
+    let wire = WireLog::default();
     let mut drains = BTreeMap::new();
     for n in 1..=scenario.nodes {
         let mut config = Config::new(profile);
@@ -572,11 +632,14 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
         config.limits.read_idle_timeout = t.idle.0;
         config.auth_secret = Some(AUTH_SECRET.to_vec());
         config.clock = Arc::new(unix_ms);
+        config.bugs = bugs.clone();
         let drain = Arc::new(Notify::new());
         drains.insert(n, drain.clone());
+        let wire = wire.clone();
         sim.host(format!("node{n}"), move || {
             let config = config.clone();
             let drain = drain.clone();
+            let wire = wire.clone();
             async move {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", WS_PORT)).await?;
                 let redis = RedisLink::new(
@@ -585,7 +648,14 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
                     config.limits.redis_timeout,
                 );
                 Server::new(config, redis)
-                    .run(TurmoilListener(listener), drain.notified())
+                    .run(
+                        TurmoilListener {
+                            inner: listener,
+                            node: n,
+                            wire,
+                        },
+                        drain.notified(),
+                    )
                     .await;
                 // Drained: the process stays down until the scenario
                 // restarts the node (a returning host would be rerun).
@@ -608,6 +678,7 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
             mailbox: Mailbox::default(),
             activity: Arc::new(Activity::default()),
             history: history.clone(),
+            last_seq: std::cell::Cell::new(0),
         });
         agents.insert((user, device.clone()), ctx.clone());
         let host = device_host(user, device);
@@ -630,6 +701,7 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
         redis_down: false,
         middleboxes: BTreeMap::new(),
         drains,
+        net: wire.net.clone(),
     };
     driver.phase("story");
     for step in &scenario.steps {
@@ -660,8 +732,8 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
         )
     };
 
-    let stored = if driver.redis_down {
-        BTreeSet::new()
+    let (stored, stored_twice) = if driver.redis_down {
+        Default::default()
     } else {
         stored_messages(&redis)
     };
@@ -683,6 +755,9 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
     driver.advance_to(end_of_story + settle * 2)?;
     driver.phase("end");
     let elapsed = driver.sim.elapsed();
+    // Taken before the hosts are dropped: their streams' ends would be
+    // stamped outside simulated time.
+    let wire = wire.records();
     drop(driver);
 
     let mut history = Rc::try_unwrap(history)
@@ -694,7 +769,9 @@ pub fn run(scenario: &Scenario, seed: u64, profile: Profile) -> Result<RunResult
         redis_online,
         intended_online,
         stored,
+        stored_twice,
         elapsed,
+        wire,
     })
 }
 
@@ -723,9 +800,11 @@ fn lease_holders(redis: &SharedRedis, now_ms: u64) -> BTreeSet<u64> {
 }
 
 /// Messages waiting in inboxes (hardened schema: `im:{u:ID}:inbox`, each
-/// member an encoded Deliver).
-fn stored_messages(redis: &SharedRedis) -> BTreeSet<(u64, MsgKey)> {
+/// member an encoded Deliver); and those stored more than once.
+type Stored = BTreeSet<(u64, MsgKey)>;
+fn stored_messages(redis: &SharedRedis) -> (Stored, Stored) {
     let mut stored = BTreeSet::new();
+    let mut twice = BTreeSet::new();
     for (key, snap) in redis.snapshot() {
         let Some(user) = std::str::from_utf8(&key)
             .ok()
@@ -738,18 +817,21 @@ fn stored_messages(redis: &SharedRedis) -> BTreeSet<(u64, MsgKey)> {
         if let redis_model::Value::ZSet(members) = snap.value {
             for (bytes, _) in members {
                 if let Ok(im_proto::Body::Deliver(d)) = im_proto::decode(&bytes) {
-                    stored.insert((
+                    let entry = (
                         user,
                         MsgKey {
                             from: d.from_user_id,
                             id: d.client_msg_id,
                         },
-                    ));
+                    );
+                    if !stored.insert(entry) {
+                        twice.insert(entry);
+                    }
                 }
             }
         }
     }
-    stored
+    (stored, twice)
 }
 
 /// Devices whose last story step leaves them connected.
@@ -760,7 +842,9 @@ fn intended_online(scenario: &Scenario) -> BTreeSet<Dev> {
             Action::Connect { user, device, .. } | Action::Reconnect { user, device, .. } => {
                 online.insert((*user, device.clone()), true);
             }
-            Action::Disconnect { user, device } | Action::Vanish { user, device } => {
+            Action::Disconnect { user, device }
+            | Action::Vanish { user, device }
+            | Action::PowerOff { user, device } => {
                 online.insert((*user, device.clone()), false);
             }
             _ => {}
@@ -813,6 +897,8 @@ struct Driver<'a> {
     middleboxes: BTreeMap<Dev, Duration>,
     /// Per node: resolves the server's shutdown future (a drain).
     drains: BTreeMap<u64, Arc<Notify>>,
+    /// The network facts the wire taps stamp on their records.
+    net: Arc<Mutex<NetState>>,
 }
 
 impl Driver<'_> {
@@ -869,11 +955,20 @@ impl Driver<'_> {
     fn partition(&mut self, a: String, b: String) {
         self.sim.partition(a.as_str(), b.as_str());
         self.partitions.insert(ordered(a, b));
+        self.sync_net();
     }
 
     fn repair(&mut self, a: String, b: String) {
         self.sim.repair(a.as_str(), b.as_str());
         self.partitions.remove(&ordered(a, b));
+        self.sync_net();
+    }
+
+    /// Publishes the fault state to the wire taps.
+    fn sync_net(&self) {
+        let mut net = self.net.lock().unwrap_or_else(|e| e.into_inner());
+        net.partitions = self.partitions.clone();
+        net.redis_down = self.redis_down;
     }
 
     fn send(&mut self, from: &Dev, to: u64, text: Option<String>, probe: bool) {
@@ -913,6 +1008,39 @@ impl Driver<'_> {
                 ));
                 self.partition(host, format!("node{node}"));
                 self.agents[&dev].mailbox.post(Cmd::Abort);
+            }
+            Action::PowerOff { user, device } => {
+                let dev = (*user, device.clone());
+                let node = self.home[&dev];
+                let host = device_host(*user, device);
+                self.fault(format!(
+                    "{host} powers off (partitioned from node{node}, then its host dies for good)"
+                ));
+                self.partition(host.clone(), format!("node{node}"));
+                self.sim.crash(host.as_str());
+                // Its client dies with it: the device's connection is gone
+                // as far as the device is concerned.
+                let last_conn = self
+                    .history
+                    .borrow()
+                    .events()
+                    .fold(None, |last, e| match e {
+                        Event::Connected {
+                            user: u,
+                            device: d,
+                            conn,
+                            ..
+                        } if *u == dev.0 && *d == dev.1 => Some(*conn),
+                        _ => last,
+                    });
+                if let Some(conn) = last_conn {
+                    self.record(Event::Closed {
+                        user: *user,
+                        device: device.clone(),
+                        conn,
+                        cause: "powered off".into(),
+                    });
+                }
             }
             Action::Reconnect { user, device, node } => {
                 let dev = (*user, device.clone());
@@ -969,6 +1097,7 @@ impl Driver<'_> {
                 self.fault("redis stops".into());
                 self.sim.crash("redis");
                 self.redis_down = true;
+                self.sync_net();
             }
             Action::RedisRestart { keep_data } => {
                 self.fault(format!(
@@ -983,6 +1112,7 @@ impl Driver<'_> {
                 }
                 self.sim.bounce("redis");
                 self.redis_down = false;
+                self.sync_net();
             }
             Action::RedisSlow { delay } => {
                 self.fault(format!(
@@ -1030,6 +1160,7 @@ impl Driver<'_> {
             self.sim.bounce("redis");
             self.redis_down = false;
         }
+        self.sync_net();
         self.middleboxes.clear();
         self.redis.set_delay(Duration::ZERO);
         for agent in self.agents.values() {

@@ -5,11 +5,16 @@
 //!   what it declares), and its report is an insta snapshot.
 //! - `determinism`: the same seed gives the same trace, byte for byte.
 //! - `generated`: generated scenarios round-trip through the file format;
-//!   fuzzing finds phase 1's bug and exports a file that replays it.
+//!   fuzzing finds phase 1's bug and exports a file that replays it;
+//!   generated runs hold on hardened, break each seed phase, and reach
+//!   every named dangerous state.
 //! - `reports`: `--junit` and `--timeline` write their files.
+//! - `bugs`: every guard a scenario names fails it when switched back on,
+//!   and every historical bug is guarded.
 //! - `malformed`: bad scenario files are reported with path and line, and
 //!   the runner exits 2 without running anything.
 
+mod bugs;
 mod determinism;
 mod generated;
 mod malformed;
