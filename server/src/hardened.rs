@@ -80,6 +80,11 @@ impl Node {
     fn lock(&self) -> std::sync::MutexGuard<'_, Conns> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// This run of this node, as named in the doorbells it rings.
+    fn origin(&self, cfg: &crate::Config) -> String {
+        format!("{}/{}", cfg.node, self.incarnation)
+    }
 }
 
 /// What a logged-in hardened connection keeps in its session.
@@ -345,11 +350,23 @@ pub(crate) async fn store(
     let cfg = &shared.config;
     let to = UserId(send.to_user_id);
     let dedup = cfg.user_key(to, &format!("dedup:{}:{}", from.0, send.client_msg_id));
-    if !cfg.has(Bug::NoDedup)
-        && let Some(seq) = shared
-            .redis
-            .query::<Option<u64>>(redis::cmd("GET").arg(&dedup))
-            .await?
+    // Two round trips per message (the heart of throughput): first the
+    // dedup lookup and a fresh sequence number together (a duplicate wastes
+    // a number: gaps are harmless, readers go by "after my cursor"), then
+    // the store, the dedup record and the doorbell in one transaction.
+    let (stored, seq): (Option<u64>, u64) = shared
+        .redis
+        .query_pipe(
+            &seq_start(shared, to)
+                .cmd("GET")
+                .arg(&dedup)
+                .cmd("INCR")
+                .arg(cfg.user_key(to, "seq"))
+                .clone(),
+        )
+        .await?;
+    if let Some(seq) = stored
+        && !cfg.has(Bug::NoDedup)
     {
         tracing::info!(
             to = to.0,
@@ -358,15 +375,6 @@ pub(crate) async fn store(
         );
         return Ok(seq);
     }
-    let (seq,): (u64,) = shared
-        .redis
-        .query_pipe(
-            &seq_start(shared, to)
-                .cmd("INCR")
-                .arg(cfg.user_key(to, "seq"))
-                .clone(),
-        )
-        .await?;
     let deliver = pb::Envelope {
         body: Some(Body::Deliver(pb::Deliver {
             from_user_id: from.0,
@@ -399,17 +407,21 @@ pub(crate) async fn store(
         .arg(h.dedup_ttl.as_millis() as u64)
         .ignore();
     shared.redis.query_pipe::<()>(&pipe).await?;
-    // Doorbells: directly for this node, by pub/sub for the others.
     ring_local(node, to);
-    if cfg.has(Bug::NoDoorbells) {
-        return Ok(seq);
-    }
-    if let Err(e) = shared
-        .redis
-        .query::<i64>(redis::cmd("PUBLISH").arg(cfg.user_key(to, "bell")).arg(seq))
-        .await
-    {
-        tracing::warn!(error = %e, "doorbell not published; other nodes poll");
+    // The doorbell for other nodes. Not inside the transaction: this node
+    // may itself be subscribed to the bell on the same connection, and a
+    // RESP3 push delivered during EXEC misaligned redis-rs's pipeline
+    // replies (found live by `im-client bench`: replies crossed between
+    // requests). It names its origin so this node does not wake its own
+    // pumps twice.
+    if !cfg.has(Bug::NoDoorbells) {
+        let bell = redis::cmd("PUBLISH")
+            .arg(cfg.user_key(to, "bell"))
+            .arg(format!("{seq} {}", node.origin(cfg)))
+            .clone();
+        if let Err(e) = shared.redis.query::<i64>(&bell).await {
+            tracing::warn!(error = %e, "doorbell not published; other nodes poll");
+        }
     }
     Ok(seq)
 }
@@ -604,6 +616,8 @@ fn on_push(shared: &Shared, node: &Node, push: redis::PushInfo) {
                 }
             }
         }
+        // A bell this node rang itself: its pumps were woken directly.
+        Some((_seq, origin)) if origin == node.origin(&shared.config) => {}
         _ => ring_local(node, user),
     }
 }
