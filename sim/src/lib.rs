@@ -17,6 +17,7 @@ compile_error!(
      a RUSTFLAGS environment variable replaces that setting"
 );
 
+pub mod bench;
 pub mod coverage;
 pub mod generate;
 pub mod history;

@@ -86,6 +86,41 @@ enum Command {
         #[arg(long)]
         require_coverage: bool,
     },
+    /// Measures the simulation (use a release build): simulated time and
+    /// messages per wall second on a heartbeat soak, and a reconnect story
+    /// played live and simulated. The last line of output is one JSON
+    /// object; exit 1 if the soak violated an invariant or a part failed.
+    Bench {
+        /// Users in the soak [default: 100; smoke: 10].
+        #[arg(long)]
+        users: Option<usize>,
+        /// Simulated minutes of the soak [default: 10; smoke: 1].
+        #[arg(long)]
+        minutes: Option<u64>,
+        /// Seed of the soak's schedule and of the simulated runs.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The soak's simulation step (timeouts.tick), e.g. 1ms, 10ms; the
+        /// reconnect story always uses 1ms.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1ms")]
+        tick: std::time::Duration,
+        /// Writes the soak as a scenario file (replay: im-sim run FILE).
+        #[arg(long, value_name = "FILE")]
+        save_soak: Option<PathBuf>,
+        /// Repetitions of the reconnect story (median) [default: 5; smoke: 1].
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Tiny sizes: checks the bench works, not how fast.
+        #[arg(long)]
+        smoke: bool,
+        /// Skips the live run (no Redis around).
+        #[arg(long)]
+        no_live: bool,
+        /// Redis for the live run (a unique key prefix per run; its keys
+        /// are deleted afterwards).
+        #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+        redis: String,
+    },
 }
 
 /// Exit code for input that could not be read as scenarios.
@@ -130,6 +165,55 @@ fn main() -> ExitCode {
             out,
             require_coverage,
         } => sweep(profile, seeds, shard, ops_max, out, require_coverage),
+        Command::Bench {
+            users,
+            minutes,
+            seed,
+            tick,
+            reps,
+            smoke,
+            no_live,
+            redis,
+            save_soak,
+        } => {
+            let mut options = im_sim::bench::BenchOptions::new(smoke);
+            options.users = users.unwrap_or(options.users);
+            options.minutes = minutes.unwrap_or(options.minutes);
+            options.reps = reps.unwrap_or(options.reps);
+            options.seed = seed;
+            options.tick = tick;
+            options.redis = (!no_live).then_some(redis);
+            options.save_soak = save_soak;
+            bench(&options)
+        }
+    }
+}
+
+fn bench(options: &im_sim::bench::BenchOptions) -> ExitCode {
+    eprintln!(
+        "bench: soak of {} users x {} simulated min, then the reconnect story x{}{}...",
+        options.users,
+        options.minutes,
+        options.reps,
+        if options.redis.is_some() {
+            " (simulated and live)"
+        } else {
+            " (simulated only)"
+        }
+    );
+    let report = match im_sim::bench::run(options) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    print!("{}", report.summary());
+    println!("{}", report.json());
+    if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

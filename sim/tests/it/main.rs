@@ -13,7 +13,10 @@
 //!   and every historical bug is guarded.
 //! - `malformed`: bad scenario files are reported with path and line, and
 //!   the runner exits 2 without running anything.
+//! - `bench`: `im-sim bench --smoke --no-live` prints positive figures and
+//!   its JSON line; the bench's generated stories are valid scenarios.
 
+mod bench;
 mod bugs;
 mod determinism;
 mod generated;
