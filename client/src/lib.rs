@@ -17,6 +17,7 @@
 //!
 //! [`mod@bench`] is `im-client bench`, a load generator built on [`Client`].
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod resilient;
 

@@ -442,15 +442,10 @@ pub fn run_soak(options: &BenchOptions) -> anyhow::Result<SoakFigures> {
     let scenario = soak_scenario(options.users, options.minutes, options.seed, options.tick);
     if let Some(path) = &options.save_soak {
         let comment = format!(
-            "The heartbeat soak of `im-sim bench --users {} --minutes {} --seed {} --tick {:?}`.\n\
-             Replay: im-sim run {}",
-            options.users,
-            options.minutes,
-            options.seed,
-            options.tick,
-            path.display()
+            "The heartbeat soak of `im-sim bench --users {} --minutes {} --seed {} --tick {:?}`.",
+            options.users, options.minutes, options.seed, options.tick,
         );
-        std::fs::write(path, crate::generate::to_toml(&scenario, &comment))
+        crate::generate::write_scenario(path, &scenario, &comment)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let wall = Instant::now();

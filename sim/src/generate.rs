@@ -345,6 +345,16 @@ pub fn to_toml(s: &Scenario, comment: &str) -> String {
     out
 }
 
+/// Writes `s` to `path` (creating its directory), opening with `comment`
+/// and the command that replays it.
+pub fn write_scenario(path: &std::path::Path, s: &Scenario, comment: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let comment = format!("{comment}\nReplay: im-sim run {}", path.display());
+    std::fs::write(path, to_toml(s, &comment))
+}
+
 /// A failing generated run, shrunk.
 #[derive(Debug)]
 pub struct Found {

@@ -269,13 +269,10 @@ fn sweep(
                 if let Some(dir) = &out {
                     let file = dir.join(format!("{}.toml", outcome.scenario.name));
                     let comment = format!(
-                        "Sweep seed {seed} against {profile}: violates {}.\n\
-                         Replay: im-sim run {}",
-                        names.join(", "),
-                        file.display()
+                        "Sweep seed {seed} against {profile}: violates {}.",
+                        names.join(", ")
                     );
-                    let text = im_sim::generate::to_toml(&outcome.scenario, &comment);
-                    match std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&file, text)) {
+                    match im_sim::generate::write_scenario(&file, &outcome.scenario, &comment) {
                         Ok(()) => println!("  replay: im-sim run {}", file.display()),
                         Err(e) => eprintln!("  error: cannot write {}: {e}", file.display()),
                     }
@@ -326,13 +323,10 @@ fn fuzz(profile: Profile, cases: u32, seed: u64, out: &Path, ops_max: usize) -> 
     let comment = format!(
         "Found by `im-sim fuzz --profile {profile} --cases {cases} --seed {seed}`, shrunk by proptest.\n\
          Violates: {}. It declares no violations, so `im-sim run` fails on it\n\
-         until the bug is fixed; then it guards the fix.\n\
-         Replay: im-sim run {}",
-        names.join(", "),
-        file.display()
+         until the bug is fixed; then it guards the fix.",
+        names.join(", ")
     );
-    let text = im_sim::generate::to_toml(&found.scenario, &comment);
-    if let Err(e) = std::fs::create_dir_all(out).and_then(|()| std::fs::write(&file, text)) {
+    if let Err(e) = im_sim::generate::write_scenario(&file, &found.scenario, &comment) {
         eprintln!("error: cannot write {}: {e}", file.display());
         return ExitCode::from(EXIT_BAD_INPUT);
     }
