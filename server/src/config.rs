@@ -153,10 +153,15 @@ pub enum Bug {
     /// connections; hardened: no doorbell is published, so a recipient on
     /// another node waits for its pump's poll).
     NoDoorbells,
+    /// Hardened only (found by the soak in `im-sim bench`): a message's
+    /// sequence number is taken in one Redis round trip and the message
+    /// inserted in the next, so two sessions storing for one user can land
+    /// out of order and a pump that read in between skips the late one.
+    SeqTakenBeforeStore,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 10] = [
+    pub const ALL: [Bug; 11] = [
         Bug::Phase1Cleanup,
         Bug::Phase3CleanupByUser,
         Bug::SentBeforeStored,
@@ -167,6 +172,7 @@ impl Bug {
         Bug::NoLeaseExpiry,
         Bug::SeqRestartsFromZero,
         Bug::NoDoorbells,
+        Bug::SeqTakenBeforeStore,
     ];
 
     pub fn name(self) -> &'static str {
@@ -181,6 +187,7 @@ impl Bug {
             Bug::NoLeaseExpiry => "no_lease_expiry",
             Bug::SeqRestartsFromZero => "seq_restarts_from_zero",
             Bug::NoDoorbells => "no_doorbells",
+            Bug::SeqTakenBeforeStore => "seq_taken_before_store",
         }
     }
 }

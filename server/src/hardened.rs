@@ -23,15 +23,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use im_proto::pb::{self, ErrorCode};
-use im_proto::{Body, ConnId, UserId};
-use prost::Message as _;
+use im_proto::{ConnId, UserId};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::Shared;
-use crate::config::Bug;
+use crate::config::{Bug, Config};
+use crate::inbox;
 use crate::redis_link::RedisError;
 use crate::registry::{Closing, ConnHandle, WriteError};
 
@@ -341,6 +341,15 @@ pub(crate) async fn logout(shared: &Shared, node: &Node, conn_id: ConnId, attach
 /// Stores a message in the recipient's inbox; returns its sequence number.
 /// A retry of an already stored (sender, client_msg_id) returns the
 /// original sequence without storing it again.
+///
+/// One round trip: [`inbox::STORE_SCRIPT`] (dedup, number, insert, trim,
+/// dedup record, atomically) and the doorbell for other nodes pipelined
+/// behind it. The doorbell is not inside the script: this node may itself
+/// be subscribed to the bell on the same connection, and a RESP3 push in
+/// the middle of a transaction's reply misaligned redis-rs's pipeline
+/// replies (found live by `im-client bench`); after a whole reply it is
+/// handled like any push. It names its origin so this node does not wake
+/// its own pumps twice.
 pub(crate) async fn store(
     shared: &Shared,
     node: &Node,
@@ -349,11 +358,102 @@ pub(crate) async fn store(
 ) -> Result<u64, RedisError> {
     let cfg = &shared.config;
     let to = UserId(send.to_user_id);
-    let dedup = cfg.user_key(to, &format!("dedup:{}:{}", from.0, send.client_msg_id));
-    // Two round trips per message (the heart of throughput): first the
-    // dedup lookup and a fresh sequence number together (a duplicate wastes
-    // a number: gaps are harmless, readers go by "after my cursor"), then
-    // the store, the dedup record and the doorbell in one transaction.
+    let envelope = inbox::frame(pb::Deliver {
+        from_user_id: from.0,
+        text: send.text.clone(),
+        client_msg_id: send.client_msg_id,
+        seq: 0,
+    });
+    let (fresh, seq) = if cfg.has(Bug::SeqTakenBeforeStore) {
+        store_in_two_steps(shared, node, to, from, send.client_msg_id, &envelope).await?
+    } else {
+        store_atomically(shared, node, to, from, send.client_msg_id, &envelope).await?
+    };
+    if !fresh {
+        tracing::info!(
+            to = to.0,
+            seq,
+            "duplicate send; answering with the stored sequence"
+        );
+        return Ok(seq);
+    }
+    ring_local(node, to);
+    Ok(seq)
+}
+
+fn dedup_key(cfg: &Config, to: UserId, from: UserId, client_msg_id: u64) -> String {
+    cfg.user_key(to, &format!("dedup:{}:{client_msg_id}", from.0))
+}
+
+/// The doorbell for `to`'s pumps on other nodes, appended to `pipe`.
+fn ring_others(pipe: &mut redis::Pipeline, cfg: &Config, node: &Node, to: UserId) {
+    if !cfg.has(Bug::NoDoorbells) {
+        pipe.cmd("PUBLISH")
+            .arg(cfg.user_key(to, "bell"))
+            .arg(format!("stored {}", node.origin(cfg)))
+            .ignore();
+    }
+}
+
+/// The store script's hash, for EVALSHA.
+static STORE_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(inbox::STORE_SCRIPT));
+
+async fn store_atomically(
+    shared: &Shared,
+    node: &Node,
+    to: UserId,
+    from: UserId,
+    client_msg_id: u64,
+    envelope: &[u8],
+) -> Result<(bool, u64), RedisError> {
+    let cfg = &shared.config;
+    let h = cfg.hardened;
+    let call = |by_source: bool| {
+        let mut pipe = redis::pipe();
+        let cmd = if by_source {
+            pipe.cmd("EVAL").arg(inbox::STORE_SCRIPT)
+        } else {
+            pipe.cmd("EVALSHA").arg(STORE_SCRIPT.get_hash())
+        };
+        cmd.arg(3)
+            .arg(cfg.user_key(to, "seq"))
+            .arg(cfg.user_key(to, "inbox"))
+            .arg(dedup_key(cfg, to, from, client_msg_id))
+            .arg(seq_start_value(shared))
+            .arg(envelope)
+            .arg(-1 - h.inbox_len_max as i64)
+            .arg(h.dedup_ttl.as_millis() as u64)
+            .arg(if cfg.has(Bug::NoDedup) { "0" } else { "1" });
+        ring_others(&mut pipe, cfg, node, to);
+        pipe
+    };
+    let ((stored, seq),): ((u8, u64),) = match shared.redis.query_pipe(&call(false)).await {
+        Err(RedisError::Command(e))
+            if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
+            // A restarted Redis has an empty script cache; EVAL loads it.
+            shared.redis.query_pipe(&call(true)).await?
+        }
+        other => other?,
+    };
+    Ok((stored == 1, seq))
+}
+
+/// The `seq_taken_before_store` bug: a number from INCR in one round trip,
+/// the insert in the next, so concurrent stores for one user can land out
+/// of sequence order.
+async fn store_in_two_steps(
+    shared: &Shared,
+    node: &Node,
+    to: UserId,
+    from: UserId,
+    client_msg_id: u64,
+    envelope: &[u8],
+) -> Result<(bool, u64), RedisError> {
+    let cfg = &shared.config;
+    let h = cfg.hardened;
+    let dedup = dedup_key(cfg, to, from, client_msg_id);
     let (stored, seq): (Option<u64>, u64) = shared
         .redis
         .query_pipe(
@@ -368,62 +468,34 @@ pub(crate) async fn store(
     if let Some(seq) = stored
         && !cfg.has(Bug::NoDedup)
     {
-        tracing::info!(
-            to = to.0,
-            seq,
-            "duplicate send; answering with the stored sequence"
-        );
-        return Ok(seq);
+        return Ok((false, seq));
     }
-    let deliver = pb::Envelope {
-        body: Some(Body::Deliver(pb::Deliver {
-            from_user_id: from.0,
-            text: send.text.clone(),
-            client_msg_id: send.client_msg_id,
-            seq,
-        })),
-    }
-    .encode_to_vec();
     let inbox = cfg.user_key(to, "inbox");
-    let h = cfg.hardened;
     let mut pipe = redis::pipe();
     pipe.atomic()
         .cmd("ZADD")
         .arg(&inbox)
         .arg(seq)
-        .arg(deliver)
-        .ignore();
-    if seq > h.inbox_len_max {
-        pipe.cmd("ZREMRANGEBYSCORE")
-            .arg(&inbox)
-            .arg("-inf")
-            .arg(seq - h.inbox_len_max)
-            .ignore();
-    }
-    pipe.cmd("SET")
+        .arg(inbox::member(seq, envelope))
+        .ignore()
+        .cmd("ZREMRANGEBYRANK")
+        .arg(&inbox)
+        .arg(0)
+        .arg(-1 - h.inbox_len_max as i64)
+        .ignore()
+        .cmd("SET")
         .arg(&dedup)
         .arg(seq)
         .arg("PX")
         .arg(h.dedup_ttl.as_millis() as u64)
         .ignore();
     shared.redis.query_pipe::<()>(&pipe).await?;
-    ring_local(node, to);
-    // The doorbell for other nodes. Not inside the transaction: this node
-    // may itself be subscribed to the bell on the same connection, and a
-    // RESP3 push delivered during EXEC misaligned redis-rs's pipeline
-    // replies (found live by `im-client bench`: replies crossed between
-    // requests). It names its origin so this node does not wake its own
-    // pumps twice.
-    if !cfg.has(Bug::NoDoorbells) {
-        let bell = redis::cmd("PUBLISH")
-            .arg(cfg.user_key(to, "bell"))
-            .arg(format!("{seq} {}", node.origin(cfg)))
-            .clone();
-        if let Err(e) = shared.redis.query::<i64>(&bell).await {
-            tracing::warn!(error = %e, "doorbell not published; other nodes poll");
-        }
+    let mut bell = redis::pipe();
+    ring_others(&mut bell, cfg, node, to);
+    if let Err(e) = shared.redis.query_pipe::<()>(&bell).await {
+        tracing::warn!(error = %e, "doorbell not published; other nodes poll");
     }
-    Ok(seq)
+    Ok((true, seq))
 }
 
 /// Sequence numbers start from the clock (unix ms × 1000) when a user's
@@ -432,18 +504,21 @@ pub(crate) async fn store(
 /// never lands in the future, and no message hides below a stale cursor.
 /// Returns a pipeline that sets the start if absent (its reply ignored).
 fn seq_start(shared: &Shared, user: UserId) -> redis::Pipeline {
-    let start = if shared.config.has(Bug::SeqRestartsFromZero) {
-        0
-    } else {
-        (shared.config.clock)().saturating_mul(1000)
-    };
     let mut pipe = redis::pipe();
     pipe.cmd("SET")
         .arg(shared.config.user_key(user, "seq"))
-        .arg(start)
+        .arg(seq_start_value(shared))
         .arg("NX")
         .ignore();
     pipe
+}
+
+fn seq_start_value(shared: &Shared) -> u64 {
+    if shared.config.has(Bug::SeqRestartsFromZero) {
+        0
+    } else {
+        (shared.config.clock)().saturating_mul(1000)
+    }
 }
 
 fn ring_local(node: &Node, user: UserId) {
@@ -480,14 +555,16 @@ async fn pump(
         match shared.redis.query::<Vec<Vec<u8>>>(&cmd).await {
             Ok(members) => {
                 let full = members.len() == page;
-                for bytes in members {
-                    let seq = match im_proto::decode(&bytes) {
-                        Ok(Body::Deliver(d)) => d.seq,
-                        _ => {
-                            tracing::error!("corrupt inbox entry; skipping it");
+                for member in members {
+                    let deliver = match inbox::entry(&member) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::error!(error = %e, "corrupt inbox entry; skipping it");
                             continue;
                         }
                     };
+                    let seq = deliver.seq;
+                    let bytes = inbox::frame(deliver);
                     // Raised before the frame is queued: on a multi-threaded
                     // runtime the client may ack it before this task runs
                     // again, and the ack check must already know the seq.
@@ -617,7 +694,7 @@ fn on_push(shared: &Shared, node: &Node, push: redis::PushInfo) {
             }
         }
         // A bell this node rang itself: its pumps were woken directly.
-        Some((_seq, origin)) if origin == node.origin(&shared.config) => {}
+        Some(("stored", origin)) if origin == node.origin(&shared.config) => {}
         _ => ring_local(node, user),
     }
 }

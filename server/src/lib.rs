@@ -24,6 +24,7 @@
 pub mod config;
 pub mod fuzzing;
 mod hardened;
+pub mod inbox;
 pub mod listener;
 pub mod metrics;
 pub mod presence;

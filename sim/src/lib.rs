@@ -23,6 +23,7 @@ pub mod generate;
 pub mod history;
 pub mod invariants;
 pub mod redis_model;
+pub mod redis_scripts;
 pub mod report;
 pub mod scenario;
 pub mod sweep;

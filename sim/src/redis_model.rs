@@ -29,7 +29,8 @@
 //! HGET, HDEL, HGETALL, HLEN, RPUSH, LPUSH, LRANGE, LLEN, LTRIM, ZADD (NX,
 //! XX, GT, LT, CH, INCR), ZRANGEBYSCORE (WITHSCORES, LIMIT), ZRANGE (index
 //! form, BYSCORE, REV, LIMIT, WITHSCORES), ZREM, ZCARD, ZREMRANGEBYSCORE,
-//! ZSCORE, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, MULTI, EXEC, DISCARD.
+//! ZREMRANGEBYRANK, ZSCORE, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, MULTI, EXEC,
+//! DISCARD, EVAL, EVALSHA, SCRIPT (LOAD, EXISTS, FLUSH).
 //! Argument parsing, arity checks, error texts and WRONGTYPE follow Redis
 //! 7.0 (checked by `sim/tests/redis_differential.rs` against a real
 //! `redis-server`).
@@ -55,8 +56,12 @@
 //!   OK (Redis answers or errors per subcommand).
 //! - HELLO accepts any `AUTH` credentials and answers a fixed map claiming
 //!   version 7.0.15.
-//! - No PSUBSCRIBE, WATCH, blocking commands, inline (telnet) commands or
-//!   scripting: they are unknown commands (inline ones a protocol error).
+//! - No PSUBSCRIBE, WATCH, blocking commands or inline (telnet) commands:
+//!   they are unknown commands (inline ones a protocol error).
+//! - No Lua: EVAL, EVALSHA and SCRIPT LOAD run only the scripts listed in
+//!   [`crate::redis_scripts`], natively; any other script is an error. An
+//!   error inside a script answers the failing command's own error (Redis
+//!   appends the script's name and line).
 //! - ZRANGE BYLEX is not supported (an error).
 //! - Float parsing accepts what Rust's `f64` parser does, which differs from
 //!   C `strtod` only in exotic forms (hexadecimal floats, `nan(...)`).
@@ -85,6 +90,8 @@ use redis_protocol::resp3::types::{BytesFrame as Resp3Frame, FrameMap, FrameSet}
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 
+use crate::redis_scripts;
+
 /// The model's unix time at simulated time zero (1 700 000 000 s, the epoch
 /// the simulation pins turmoil to). Only EXAT/PXAT and expiry-overflow
 /// errors can observe it.
@@ -95,6 +102,8 @@ const NOT_INTEGER: &str = "ERR value is not an integer or out of range";
 const NOT_FLOAT: &str = "ERR value is not a valid float";
 const SYNTAX: &str = "ERR syntax error";
 const RANGE_NOT_FLOAT: &str = "ERR min or max is not a float";
+const UNKNOWN_SCRIPT: &str =
+    "ERR the imsim Redis model has no native version of this script (see redis_scripts)";
 const SUBSCRIBED_CONTEXT: &str =
     "only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context";
 
@@ -124,6 +133,11 @@ pub enum Reply {
     Set(Vec<Reply>),
     /// A map: a flat array of keys and values in RESP2, `%` in RESP3.
     Map(Vec<(Reply, Reply)>),
+    /// A reply preceded on the wire by pushes to the calling client (a
+    /// RESP3 subscriber publishing to its own channel: Redis writes the
+    /// message before the reply, even inside EXEC's array, where it is not
+    /// counted as an element).
+    AfterPushes(Vec<Reply>, Box<Reply>),
     /// Pairs such as member/score: a flat array in RESP2, an array of
     /// two-element arrays in RESP3 (ZRANGE ... WITHSCORES).
     Pairs(Vec<(Reply, Reply)>),
@@ -174,6 +188,22 @@ impl Reply {
             }
             return;
         }
+        if let Reply::AfterPushes(pushes, reply) = self {
+            for p in pushes {
+                p.encode(resp3, out);
+            }
+            reply.encode(resp3, out);
+            return;
+        }
+        if let Reply::Array(Some(items)) = self
+            && items.iter().any(|i| matches!(i, Reply::AfterPushes(..)))
+        {
+            out.extend_from_slice(format!("*{}\r\n", items.len()).as_bytes());
+            for item in items {
+                item.encode(resp3, out);
+            }
+            return;
+        }
         // Encoding only fails for frames that cannot be built from a Reply
         // (attributes, streamed types), so a failure is a programmer error.
         if resp3 {
@@ -199,6 +229,9 @@ impl Reply {
             | Reply::Frames(items) => {
                 Resp2Frame::Array(items.iter().map(Reply::to_resp2).collect())
             }
+            // Only an element of EXEC's array or a top-level reply carries
+            // pushes; `encode` writes those itself.
+            Reply::AfterPushes(_, reply) => reply.to_resp2(),
             Reply::Map(pairs) | Reply::Pairs(pairs) => Resp2Frame::Array(
                 pairs
                     .iter()
@@ -235,6 +268,7 @@ impl Reply {
                 data: items.iter().map(Reply::to_resp3).collect(),
                 attributes: None,
             },
+            Reply::AfterPushes(_, reply) => reply.to_resp3(),
             Reply::Set(items) => {
                 let mut set = FrameSet::default();
                 for item in items {
@@ -830,7 +864,9 @@ fn arity(name: &str) -> Option<i32> {
         "ZADD" | "ZRANGEBYSCORE" | "ZRANGE" => -4,
         "ZREM" => -3,
         "ZCARD" => 2,
-        "ZREMRANGEBYSCORE" => 4,
+        "ZREMRANGEBYSCORE" | "ZREMRANGEBYRANK" => 4,
+        "EVAL" | "EVALSHA" => -3,
+        "SCRIPT" => -2,
         "ZSCORE" => 3,
         "PUBLISH" => 3,
         "SUBSCRIBE" => -2,
@@ -892,6 +928,10 @@ pub struct Store {
     /// ([`SharedRedis`] does, for its command log); off otherwise, so a
     /// bare `Store` buffers nothing.
     journal: Option<Vec<Executed>>,
+    /// The script cache: SHA1s loaded by EVAL or SCRIPT LOAD. Like
+    /// Redis's, it survives FLUSHALL but not a restart
+    /// ([`SharedRedis::lose_script_cache`]).
+    script_cache: BTreeSet<String>,
 }
 
 /// One command as [`Store`] executed it (not as a client sent it: queued
@@ -920,6 +960,31 @@ fn sim_time(unix_ms: i64) -> Duration {
 
 type CmdResult = Result<Reply, Reply>;
 
+/// `redis.call` for a native script: commands run in the calling session,
+/// at the calling command's time.
+struct ScriptContext<'a> {
+    store: &'a mut Store,
+    session: &'a mut Session,
+    now: i64,
+}
+
+impl redis_scripts::Call for ScriptContext<'_> {
+    fn call(&mut self, args: &[&[u8]]) -> Result<Reply, Reply> {
+        let args: Vec<Bytes> = args.iter().map(|a| Bytes::copy_from_slice(a)).collect();
+        let name = lossy(&args[0]).to_ascii_uppercase();
+        let reply = match arity(&name) {
+            None => unknown_command(&args),
+            Some(n) if !arity_ok(n, args.len()) => arity_error(&name),
+            Some(_) => self.store.dispatch(self.session, self.now, &name, &args),
+        };
+        if reply.is_error() {
+            Err(reply)
+        } else {
+            Ok(reply)
+        }
+    }
+}
+
 impl Store {
     /// An empty store.
     pub fn new() -> Store {
@@ -930,6 +995,7 @@ impl Store {
             deliveries: Vec::new(),
             detached: Session::new(ClientId(0)),
             journal: None,
+            script_cache: BTreeSet::new(),
         }
     }
 
@@ -1258,13 +1324,17 @@ impl Store {
                 .read::<ZSet>(&a[1])
                 .map(|z| Reply::Integer(z.map_or(0, ZSet::len) as i64)),
             "ZREMRANGEBYSCORE" => self.zremrangebyscore(a),
+            "ZREMRANGEBYRANK" => self.zremrangebyrank(a),
+            "EVAL" => self.eval(session, now, a, true),
+            "EVALSHA" => self.eval(session, now, a, false),
+            "SCRIPT" => self.script(a),
             "ZSCORE" => self
                 .read::<ZSet>(&a[1])
                 .map(|z| match z.and_then(|z| z.score(&a[2])) {
                     Some(s) => Reply::Double(s),
                     None => Reply::nil(),
                 }),
-            "PUBLISH" => Ok(self.publish(a)),
+            "PUBLISH" => Ok(self.publish(session, a)),
             "SUBSCRIBE" => Ok(self.subscribe(session, a)),
             "UNSUBSCRIBE" => Ok(self.unsubscribe(session, a)),
             // MULTI/EXEC/DISCARD are handled by `execute_in`; queued inside
@@ -1873,6 +1943,30 @@ impl Store {
         Ok(Reply::Integer(removed as i64))
     }
 
+    fn zremrangebyrank(&mut self, a: &[Bytes]) -> CmdResult {
+        let (start, stop) = match (parse_i64(&a[2]), parse_i64(&a[3])) {
+            (Some(s), Some(e)) => (s, e),
+            _ => return Err(Reply::error(NOT_INTEGER)),
+        };
+        let Some(z) = self.write::<ZSet>(&a[1])? else {
+            return Ok(Reply::Integer(0));
+        };
+        let Some((s, e)) = index_range(start, stop, z.len()) else {
+            return Ok(Reply::Integer(0));
+        };
+        let doomed: Vec<Bytes> = z
+            .iter()
+            .skip(s)
+            .take(e - s + 1)
+            .map(|(m, _)| m.clone())
+            .collect();
+        for m in &doomed {
+            z.remove(m);
+        }
+        self.drop_if_empty(&a[1]);
+        Ok(Reply::Integer(doomed.len() as i64))
+    }
+
     fn zremrangebyscore(&mut self, a: &[Bytes]) -> CmdResult {
         let range = ScoreRange::parse(&a[2], &a[3]).ok_or_else(|| Reply::error(RANGE_NOT_FLOAT))?;
         let Some(z) = self.write::<ZSet>(&a[1])? else {
@@ -1890,21 +1984,119 @@ impl Store {
         Ok(Reply::Integer(doomed.len() as i64))
     }
 
+    // --- scripting -------------------------------------------------------------------
+
+    /// EVAL and EVALSHA: only the scripts in [`redis_scripts::KNOWN`] run
+    /// (natively); see that module.
+    fn eval(&mut self, session: &mut Session, now: i64, a: &[Bytes], by_source: bool) -> CmdResult {
+        let numkeys = parse_i64(&a[2]).ok_or_else(|| Reply::error(NOT_INTEGER))?;
+        if numkeys < 0 {
+            return Err(Reply::error("ERR Number of keys can't be negative"));
+        }
+        if numkeys as usize > a.len() - 3 {
+            return Err(Reply::error(
+                "ERR Number of keys can't be greater than number of args",
+            ));
+        }
+        let sha = if by_source {
+            let sha = redis_scripts::sha1_hex(&lossy(&a[1]));
+            if redis_scripts::native(&sha).is_none() {
+                return Err(Reply::error(UNKNOWN_SCRIPT));
+            }
+            self.script_cache.insert(sha.clone());
+            sha
+        } else {
+            let sha = lossy(&a[1]).to_ascii_lowercase();
+            if !self.script_cache.contains(&sha) {
+                return Err(Reply::error(
+                    "NOSCRIPT No matching script. Please use EVAL.",
+                ));
+            }
+            sha
+        };
+        let native = redis_scripts::native(&sha).ok_or_else(|| Reply::error(UNKNOWN_SCRIPT))?;
+        let (keys, argv) = a[3..].split_at(numkeys as usize);
+        let mut call = ScriptContext {
+            store: self,
+            session,
+            now,
+        };
+        native(&mut call, keys, argv)
+    }
+
+    fn script(&mut self, a: &[Bytes]) -> CmdResult {
+        let sub = lossy(&a[1]).to_ascii_uppercase();
+        match (sub.as_str(), a.len()) {
+            ("LOAD", 3) => {
+                let sha = redis_scripts::sha1_hex(&lossy(&a[2]));
+                if redis_scripts::native(&sha).is_none() {
+                    return Err(Reply::error(UNKNOWN_SCRIPT));
+                }
+                self.script_cache.insert(sha.clone());
+                Ok(Reply::bulk(sha))
+            }
+            ("EXISTS", n) if n >= 3 => Ok(Reply::Array(Some(
+                a[2..]
+                    .iter()
+                    .map(|sha| {
+                        let sha = lossy(sha).to_ascii_lowercase();
+                        Reply::Integer(self.script_cache.contains(&sha) as i64)
+                    })
+                    .collect(),
+            ))),
+            ("FLUSH", 2) => {
+                self.script_cache.clear();
+                Ok(Reply::ok())
+            }
+            ("FLUSH", 3) if eq_ignore_case(&a[2], "SYNC") || eq_ignore_case(&a[2], "ASYNC") => {
+                self.script_cache.clear();
+                Ok(Reply::ok())
+            }
+            ("FLUSH", 3) => Err(Reply::error(
+                "ERR SCRIPT FLUSH only support SYNC|ASYNC option",
+            )),
+            ("LOAD" | "EXISTS" | "FLUSH", _) => Err(Reply::error(format!(
+                "ERR unknown subcommand or wrong number of arguments for '{}'. Try SCRIPT HELP.",
+                lossy(&a[1])
+            ))),
+            _ => Err(Reply::error(format!(
+                "ERR unknown subcommand '{}'. Try SCRIPT HELP.",
+                lossy(&a[1])
+            ))),
+        }
+    }
+
     // --- pub/sub ----------------------------------------------------------------------
 
-    fn publish(&mut self, a: &[Bytes]) -> Reply {
+    fn publish(&mut self, session: &Session, a: &[Bytes]) -> Reply {
         let (channel, payload) = (&a[1], &a[2]);
         let Some(subscribers) = self.channels.get(channel) else {
             return Reply::Integer(0);
         };
+        let mut own = None;
         for client in subscribers {
+            if *client == session.id {
+                // Redis writes a publisher's own message into its output
+                // buffer at once: before this reply (checked byte for byte
+                // by the differential pub/sub test).
+                own = Some(Reply::Push(vec![
+                    Reply::bulk(Bytes::from_static(b"message")),
+                    Reply::bulk(channel.clone()),
+                    Reply::bulk(payload.clone()),
+                ]));
+                continue;
+            }
             self.deliveries.push(Delivery {
                 client: *client,
                 channel: channel.clone(),
                 payload: payload.clone(),
             });
         }
-        Reply::Integer(subscribers.len() as i64)
+        let count = Reply::Integer(subscribers.len() as i64);
+        match own {
+            Some(push) => Reply::AfterPushes(vec![push], Box::new(count)),
+            None => count,
+        }
     }
 
     fn confirmation(kind: &'static [u8], channel: Option<Bytes>, count: usize) -> Reply {
@@ -2201,6 +2393,12 @@ impl SharedRedis {
     /// that, or call [`SharedRedis::kill_all_clients`].
     pub fn flush_data(&self) {
         self.lock().store.flush();
+    }
+
+    /// Empties the script cache, as a restart of the Redis process does
+    /// (with or without its data).
+    pub fn lose_script_cache(&self) {
+        self.lock().store.script_cache.clear();
     }
 
     /// Disconnects every client (like `CLIENT KILL` for all).

@@ -800,7 +800,7 @@ fn lease_holders(redis: &SharedRedis, now_ms: u64) -> BTreeSet<u64> {
 }
 
 /// Messages waiting in inboxes (hardened schema: `im:{u:ID}:inbox`, each
-/// member an encoded Deliver); and those stored more than once.
+/// member read by `im_server::inbox::entry`); and those stored more than once.
 type Stored = BTreeSet<(u64, MsgKey)>;
 fn stored_messages(redis: &SharedRedis) -> (Stored, Stored) {
     let mut stored = BTreeSet::new();
@@ -816,7 +816,7 @@ fn stored_messages(redis: &SharedRedis) -> (Stored, Stored) {
         };
         if let redis_model::Value::ZSet(members) = snap.value {
             for (bytes, _) in members {
-                if let Ok(im_proto::Body::Deliver(d)) = im_proto::decode(&bytes) {
+                if let Ok(d) = im_server::inbox::entry(&bytes) {
                     let entry = (
                         user,
                         MsgKey {
@@ -1096,6 +1096,7 @@ impl Driver<'_> {
             Action::RedisStop => {
                 self.fault("redis stops".into());
                 self.sim.crash("redis");
+                self.redis.lose_script_cache();
                 self.redis_down = true;
                 self.sync_net();
             }
@@ -1107,6 +1108,7 @@ impl Driver<'_> {
                 if !self.redis_down {
                     self.sim.crash("redis");
                 }
+                self.redis.lose_script_cache();
                 if !keep_data {
                     self.redis.flush_data();
                 }
