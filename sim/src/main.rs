@@ -85,6 +85,10 @@ enum Command {
         /// Fails (exit 1) if a dangerous state was never reached.
         #[arg(long)]
         require_coverage: bool,
+        /// Switches a historical bug back on in every node (repeatable):
+        /// does the generator find it?
+        #[arg(long = "bug", value_name = "BUG")]
+        bugs: Vec<Bug>,
     },
     /// Measures the simulation (use a release build): simulated time and
     /// messages per wall second on a heartbeat soak, and a reconnect story
@@ -164,7 +168,16 @@ fn main() -> ExitCode {
             ops_max,
             out,
             require_coverage,
-        } => sweep(profile, seeds, shard, ops_max, out, require_coverage),
+            bugs,
+        } => sweep(SweepArgs {
+            profile,
+            seeds,
+            shard,
+            ops_max,
+            out,
+            require_coverage,
+            bugs: bugs.into_iter().collect(),
+        }),
         Command::Bench {
             users,
             minutes,
@@ -217,15 +230,28 @@ fn bench(options: &im_sim::bench::BenchOptions) -> ExitCode {
     }
 }
 
-fn sweep(
+struct SweepArgs {
     profile: Profile,
     seeds: std::ops::Range<u64>,
     shard: im_sim::sweep::Shard,
     ops_max: usize,
     out: Option<PathBuf>,
     require_coverage: bool,
-) -> ExitCode {
+    bugs: std::collections::BTreeSet<Bug>,
+}
+
+fn sweep(args: SweepArgs) -> ExitCode {
     use im_sim::sweep::{Tally, run_seed, shard_seeds};
+    let SweepArgs {
+        profile,
+        seeds,
+        shard,
+        ops_max,
+        out,
+        require_coverage,
+        bugs,
+    } = args;
+    let bug_flags: String = bugs.iter().map(|b| format!(" --bug {b}")).collect();
     let mine: Vec<u64> = shard_seeds(seeds.clone(), shard).collect();
     println!(
         "sweep: {profile}, seeds {}..{} shard {}/{}: {} runs",
@@ -248,7 +274,7 @@ fn sweep(
     let mut failures = 0u64;
     for seed in mine {
         bar.set_message(format!("{failures} failed"));
-        let outcome = match run_seed(profile, seed, ops_max) {
+        let outcome = match run_seed(profile, seed, ops_max, &bugs) {
             Ok(o) => o,
             Err(e) => {
                 failures += 1;
@@ -264,7 +290,7 @@ fn sweep(
             bar.suspend(|| {
                 println!("FAIL seed {seed}: violated {}", names.join(", "));
                 println!(
-                    "  replay: im-sim sweep --profile {profile} --seeds {seed}..={seed} --ops-max {ops_max}"
+                    "  replay: im-sim sweep --profile {profile} --seeds {seed}..={seed} --ops-max {ops_max}{bug_flags}"
                 );
                 if let Some(dir) = &out {
                     let file = dir.join(format!("{}.toml", outcome.scenario.name));
@@ -273,7 +299,7 @@ fn sweep(
                         names.join(", ")
                     );
                     match im_sim::generate::write_scenario(&file, &outcome.scenario, &comment) {
-                        Ok(()) => println!("  replay: im-sim run {}", file.display()),
+                        Ok(()) => println!("  replay: im-sim run {}{bug_flags}", file.display()),
                         Err(e) => eprintln!("  error: cannot write {}: {e}", file.display()),
                     }
                 }

@@ -1,10 +1,10 @@
 //! Seed sweeps: one generated run per seed, judged, with the dangerous
 //! states each reached added up. Shards split a range across machines.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
-use im_server::Profile;
+use im_server::{Bug, Profile};
 
 use crate::coverage::Sometimes;
 use crate::generate::{compile, plan_for_seed};
@@ -66,14 +66,26 @@ pub fn shard_seeds(range: Range<u64>, shard: Shard) -> impl Iterator<Item = u64>
     range.filter(move |s| (s - start) % shard.count == shard.index - 1)
 }
 
-/// Plays the generated run of `seed` against `profile`.
-pub fn run_seed(profile: Profile, seed: u64, ops_max: usize) -> Result<Outcome, SimError> {
+/// Plays the generated run of `seed` against `profile`, with `bugs`
+/// switched back on (empty: the profile as it is).
+pub fn run_seed(
+    profile: Profile,
+    seed: u64,
+    ops_max: usize,
+    bugs: &BTreeSet<Bug>,
+) -> Result<Outcome, SimError> {
     let scenario = compile(
         &format!("sweep_{profile}_seed{seed}"),
         profile,
         &plan_for_seed(seed, ops_max),
     );
-    crate::run_scenario(&scenario, RunOptions::default())
+    crate::run_scenario(
+        &scenario,
+        RunOptions {
+            bugs: bugs.clone(),
+            ..RunOptions::default()
+        },
+    )
 }
 
 /// How often each dangerous state was reached across runs.

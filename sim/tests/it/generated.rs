@@ -42,7 +42,7 @@ fn generated_runs_hold_every_invariant_on_hardened_and_reach_every_dangerous_sta
     use im_sim::sweep::{Tally, run_seed};
     let mut tally = Tally::default();
     for seed in 0..40 {
-        let outcome = run_seed(Profile::Hardened, seed, 12).unwrap();
+        let outcome = run_seed(Profile::Hardened, seed, 12, &Default::default()).unwrap();
         assert!(
             outcome.passed(),
             "seed {seed}: replay with `im-sim sweep --profile hardened --seeds {seed}..={seed}`\n{}",
@@ -64,7 +64,7 @@ fn generated_runs_find_a_failure_in_each_seed_phase_within_five_cases() {
     use im_sim::sweep::run_seed;
     for profile in [Profile::Phase1, Profile::Phase2, Profile::Phase3] {
         let found = (0..5).find_map(|seed| {
-            let outcome = run_seed(profile, seed, 12).unwrap();
+            let outcome = run_seed(profile, seed, 12, &Default::default()).unwrap();
             (!outcome.violated().is_empty()).then_some(outcome.violated())
         });
         assert!(found.is_some(), "{profile}: no failure in 5 generated runs");
