@@ -229,7 +229,8 @@ pub struct Limits {
     /// it full fails like a failed write.
     pub outbound_queue_max: usize,
     /// tungstenite's read buffer per connection (its 128 KiB default costs
-    /// about 140 KB per idle connection).
+    /// about 140 KB per idle connection). One read takes up to this much,
+    /// about 15 chat frames; a larger frame grows the buffer as needed.
     pub read_buffer_bytes: usize,
     /// Time allowed for the WebSocket handshake.
     pub handshake_timeout: Duration,
@@ -255,7 +256,7 @@ impl Default for Limits {
             frame_bytes_max: 64 * 1024,
             message_bytes_max: 64 * 1024,
             outbound_queue_max: 256,
-            read_buffer_bytes: 4 * 1024,
+            read_buffer_bytes: 1024,
             handshake_timeout: Duration::from_secs(10),
             login_timeout: Duration::from_secs(10),
             read_idle_timeout: Duration::from_secs(60),

@@ -544,15 +544,20 @@ async fn pump(
     let page = cfg.hardened.inbox_page_len;
     loop {
         let cursor = pushed.load(Ordering::Relaxed);
-        let cmd = redis::cmd("ZRANGEBYSCORE")
-            .arg(&inbox)
-            .arg(format!("({cursor}"))
-            .arg("+inf")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(page)
-            .clone();
-        match shared.redis.query::<Vec<Vec<u8>>>(&cmd).await {
+        // The command lives only for its query: anything in scope at the
+        // wait below is kept in every idle pump's future.
+        let read = {
+            let cmd = redis::cmd("ZRANGEBYSCORE")
+                .arg(&inbox)
+                .arg(format!("({cursor}"))
+                .arg("+inf")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(page)
+                .clone();
+            shared.redis.query::<Vec<Vec<u8>>>(&cmd).await
+        };
+        match read {
             Ok(members) => {
                 let full = members.len() == page;
                 for member in members {
@@ -572,7 +577,9 @@ async fn pump(
                     // A backlog (a device back from a long absence) may be
                     // larger than the outbound queue: wait for room, and
                     // call it a slow consumer only when none comes.
-                    match handle.write_when_room(Message::Binary(bytes.into())).await {
+                    // Boxed: only alive while queueing (an idle pump's
+                    // future stays small).
+                    match Box::pin(handle.write_when_room(Message::Binary(bytes.into()))).await {
                         Ok(()) => {}
                         Err(WriteError::QueueFull) => {
                             tracing::warn!(

@@ -158,10 +158,17 @@ impl RedisLink {
 
     /// Runs one command and decodes its reply. A connection error or
     /// timeout drops the connection so the next call redials.
+    ///
+    /// Boxed (here and in [`Self::query_pipe`]): redis-rs's futures are
+    /// large, and inline they would size every long-lived task that ever
+    /// awaits one (a connection's pump, its session).
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
-        let mut conn = self.connection().await?;
-        let reply = cmd.query_async(&mut conn).await;
-        self.on_reply(reply).await
+        Box::pin(async {
+            let mut conn = self.connection().await?;
+            let reply = cmd.query_async(&mut conn).await;
+            self.on_reply(reply).await
+        })
+        .await
     }
 
     /// Runs a pipeline (atomic when built with `.atomic()`), as [`Self::query`].
@@ -169,9 +176,12 @@ impl RedisLink {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, RedisError> {
-        let mut conn = self.connection().await?;
-        let reply = pipe.query_async(&mut conn).await;
-        self.on_reply(reply).await
+        Box::pin(async {
+            let mut conn = self.connection().await?;
+            let reply = pipe.query_async(&mut conn).await;
+            self.on_reply(reply).await
+        })
+        .await
     }
 
     async fn on_reply<T>(&self, reply: redis::RedisResult<T>) -> Result<T, RedisError> {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use im_proto::{ConnId, UserId};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
@@ -28,6 +28,11 @@ pub enum WriteError {
 }
 
 /// One frame for the writer task, with an optional report of the outcome.
+/// Queued boxed: tokio's bounded channel allocates its slots 32 at a time
+/// up front, and a `Message` is about 80 bytes, so an unboxed queue would
+/// cost every idle connection 2.5 KB.
+pub(crate) type Queued = Box<Outbound>;
+
 pub(crate) struct Outbound {
     pub msg: Message,
     pub done: Option<oneshot::Sender<Result<(), WriteError>>>,
@@ -42,13 +47,55 @@ pub enum Closing {
     Drop,
 }
 
+/// A connection's close request: set once (the first request wins), awaited
+/// by its session and its writer. A latch rather than a `watch` channel,
+/// which costs every connection about 300 bytes more.
+#[derive(Debug, Default)]
+pub(crate) struct CloseSignal {
+    how: Mutex<Option<Closing>>,
+    notify: Notify,
+}
+
+impl CloseSignal {
+    /// Records `how` unless a request came first; wakes the waiters.
+    fn request(&self, how: Closing) {
+        {
+            let mut slot = self.how.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_some() {
+                return;
+            }
+            *slot = Some(how);
+        }
+        self.notify.notify_waiters();
+    }
+
+    fn get(&self) -> Option<Closing> {
+        self.how.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Resolves with the request, at once if there already is one.
+    pub(crate) async fn requested(&self) -> Closing {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a request between the two
+            // still wakes this waiter.
+            notified.as_mut().enable();
+            if let Some(how) = self.get() {
+                return how;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// A cheap, cloneable reference to one live connection.
 #[derive(Clone, Debug)]
 pub struct ConnHandle {
     pub conn_id: ConnId,
     pub user: UserId,
-    outbound: mpsc::Sender<Outbound>,
-    closing: Arc<watch::Sender<Option<Closing>>>,
+    outbound: mpsc::Sender<Queued>,
+    closing: Arc<CloseSignal>,
     write_timeout: Duration,
 }
 
@@ -56,8 +103,8 @@ impl ConnHandle {
     pub(crate) fn new(
         conn_id: ConnId,
         user: UserId,
-        outbound: mpsc::Sender<Outbound>,
-        closing: Arc<watch::Sender<Option<Closing>>>,
+        outbound: mpsc::Sender<Queued>,
+        closing: Arc<CloseSignal>,
         write_timeout: Duration,
     ) -> ConnHandle {
         ConnHandle {
@@ -79,10 +126,10 @@ impl ConnHandle {
     /// socket (or failed to), as the seed's synchronous `WriteMessage`.
     pub async fn write(&self, msg: Message) -> Result<(), WriteError> {
         let (done, outcome) = oneshot::channel();
-        self.enqueue(Outbound {
+        self.enqueue(Box::new(Outbound {
             msg,
             done: Some(done),
-        })?;
+        }))?;
         match tokio::time::timeout(self.write_timeout, outcome).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(WriteError::Closed),
@@ -92,14 +139,14 @@ impl ConnHandle {
 
     /// Queues a frame without waiting for it to be written.
     pub fn write_nowait(&self, msg: Message) -> Result<(), WriteError> {
-        self.enqueue(Outbound { msg, done: None })
+        self.enqueue(Box::new(Outbound { msg, done: None }))
     }
 
     /// Queues a frame, waiting for room while the queue is full; a queue
     /// that stays full for the write timeout is a slow consumer
     /// ([`WriteError::QueueFull`]). For backlogs larger than the queue.
     pub async fn write_when_room(&self, msg: Message) -> Result<(), WriteError> {
-        let out = Outbound { msg, done: None };
+        let out = Box::new(Outbound { msg, done: None });
         match tokio::time::timeout(self.write_timeout, self.outbound.send(out)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(WriteError::Closed),
@@ -107,7 +154,7 @@ impl ConnHandle {
         }
     }
 
-    fn enqueue(&self, out: Outbound) -> Result<(), WriteError> {
+    fn enqueue(&self, out: Queued) -> Result<(), WriteError> {
         self.outbound.try_send(out).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => WriteError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => WriteError::Closed,
@@ -116,14 +163,7 @@ impl ConnHandle {
 
     /// Asks the connection's session to close. The first request wins.
     pub fn close(&self, how: Closing) {
-        self.closing.send_if_modified(|c| {
-            if c.is_none() {
-                *c = Some(how);
-                true
-            } else {
-                false
-            }
-        });
+        self.closing.request(how);
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use futures_util::{SinkExt, StreamExt};
 use im_proto::pb::{self, ErrorCode};
 use im_proto::{Body, ConnId, DecodeError, UserId, msg};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::config::Bug;
 use crate::listener::Stream;
-use crate::registry::{Closing, ConnHandle, Outbound, WriteError};
+use crate::registry::{CloseSignal, Closing, ConnHandle, Queued, WriteError};
 use crate::{Shared, metrics};
 
 /// Why a connection ended, for logs and the simulation's history.
@@ -40,13 +40,17 @@ pub(crate) async fn serve<S: Stream>(shared: Arc<Shared>, stream: S, peer: Strin
     let limits = shared.config.limits;
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(limits.read_buffer_bytes)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_write_buffer_size(limits.frame_bytes_max.max(limits.message_bytes_max) * 4)
         .max_frame_size(Some(limits.frame_bytes_max))
         .max_message_size(Some(limits.message_bytes_max));
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config));
-    let ws = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+    // Boxed here and below: a future's size is that of its largest await,
+    // and each connection's task holds its future for the connection's
+    // life; boxing the occasional large steps (handshake, a frame's
+    // handling, heartbeat, cleanup) keeps an idle connection's task small.
+    let ws = match tokio::time::timeout(limits.handshake_timeout, Box::pin(handshake)).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "websocket handshake failed");
@@ -121,12 +125,17 @@ impl Session {
         let limits = shared.config.limits;
         let (sink, mut stream) = ws.split();
         let (out_tx, out_rx) = mpsc::channel(limits.outbound_queue_max);
-        let (closing_tx, closing_rx) = watch::channel(None);
-        let closing_tx = Arc::new(closing_tx);
+        let closing = Arc::new(CloseSignal::default());
         let mut writer = tokio::spawn(
-            writer(sink, out_rx, closing_rx.clone(), limits.write_timeout).in_current_span(),
+            writer(sink, out_rx, closing.clone(), limits.write_timeout).in_current_span(),
         );
-        let handle = ConnHandle::new(conn_id, UserId(0), out_tx, closing_tx, limits.write_timeout);
+        let handle = ConnHandle::new(
+            conn_id,
+            UserId(0),
+            out_tx,
+            closing.clone(),
+            limits.write_timeout,
+        );
         let mut session = Session {
             shared: shared.clone(),
             conn_id,
@@ -136,7 +145,6 @@ impl Session {
         };
         tracing::info!(%peer, "connection opened");
 
-        let mut closing = closing_rx;
         let mut shutdown = shared.shutdown.clone();
         let hardened = shared.config.switches().hardened;
         let h = shared.config.hardened;
@@ -158,7 +166,7 @@ impl Session {
             };
             let frame = tokio::select! {
                 biased;
-                _ = closing.changed() => break EndCause::Kicked,
+                _ = closing.requested() => break EndCause::Kicked,
                 _ = shutdown.changed() => {
                     let frame = if hardened {
                         close_frame(CloseCode::Restart, "node draining; reconnect")
@@ -170,7 +178,7 @@ impl Session {
                 }
                 _ = &mut writer => break EndCause::WriteFailed,
                 _ = heartbeat.tick(), if session.attached.is_some() => {
-                    session.heartbeat().await;
+                    Box::pin(session.heartbeat()).await;
                     continue;
                 }
                 frame = tokio::time::timeout_at(heard + idle, stream.next()) => frame,
@@ -197,7 +205,7 @@ impl Session {
                     Step::End(EndCause::IdleTimeout)
                 }
                 Ok(None) => Step::End(EndCause::ConnectionLost("stream ended".into())),
-                Ok(Some(Ok(message))) => session.on_message(message).await,
+                Ok(Some(Ok(message))) => Box::pin(session.on_message(message)).await,
                 Ok(Some(Err(e))) => session.on_read_error(e),
             };
             if let Step::End(cause) = step {
@@ -218,10 +226,16 @@ impl Session {
         }
         if let Some(attached) = session.attached.take() {
             if let Some(node) = &session.shared.hardened {
-                crate::hardened::logout(&session.shared, node, session.conn_id, attached).await;
+                Box::pin(crate::hardened::logout(
+                    &session.shared,
+                    node,
+                    session.conn_id,
+                    attached,
+                ))
+                .await;
             }
         } else if let Some(user) = session.user {
-            session.shared.remove_websocket_connection(user).await;
+            Box::pin(session.shared.remove_websocket_connection(user)).await;
         }
     }
 
@@ -437,18 +451,43 @@ pub(crate) fn frame(body: Body) -> Message {
     Message::Binary(im_proto::encode(body))
 }
 
+/// Frames written between two flushes at most: whatever is already queued
+/// goes out in one socket write (a burst of deliveries costs one syscall,
+/// not one each), bounded so one flush never holds more than this many.
+const WRITE_BATCH_MAX: usize = 64;
+
+/// tungstenite writes to the socket once this much is buffered; the writer
+/// flushes at the end of every batch anyway, so this only bounds one
+/// write. (0 would write each frame with its own syscall.)
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
 /// The only task that writes to the socket.
 async fn writer<S: Stream>(
     mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-    mut queue: mpsc::Receiver<Outbound>,
-    mut closing: watch::Receiver<Option<Closing>>,
+    mut queue: mpsc::Receiver<Queued>,
+    closing: Arc<CloseSignal>,
     write_timeout: std::time::Duration,
 ) {
+    let mut batch: Vec<Message> = Vec::new();
+    let mut dones = Vec::new();
     loop {
         tokio::select! {
             biased;
-            Some(out) = queue.recv() => {
-                let result = match tokio::time::timeout(write_timeout, sink.send(out.msg)).await {
+            Some(first) = queue.recv() => {
+                let mut next = Some(first);
+                while let Some(out) = next {
+                    batch.push(out.msg);
+                    dones.extend(out.done);
+                    next = if batch.len() < WRITE_BATCH_MAX { queue.try_recv().ok() } else { None };
+                }
+                let write = async {
+                    for msg in batch.drain(..) {
+                        sink.feed(msg).await?;
+                    }
+                    sink.flush().await
+                };
+                // Boxed: only alive while writing (see `serve`).
+                let result = match Box::pin(tokio::time::timeout(write_timeout, write)).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "socket write failed");
@@ -456,24 +495,23 @@ async fn writer<S: Stream>(
                     }
                     Err(_) => Err(WriteError::Timeout),
                 };
-                let failed = result.is_err();
-                if let Some(done) = out.done {
+                batch.clear();
+                for done in dones.drain(..) {
                     let _ = done.send(result);
                 }
-                if failed {
+                if result.is_err() {
                     return;
                 }
             }
-            _ = closing.changed() => {
-                let how = closing.borrow_and_update().clone();
-                let _ = tokio::time::timeout(write_timeout, async {
+            how = closing.requested() => {
+                let _ = Box::pin(tokio::time::timeout(write_timeout, async {
                     match how {
-                        Some(Closing::Frame(f)) => sink.send(Message::Close(Some(f))).await,
+                        Closing::Frame(f) => sink.send(Message::Close(Some(f))).await,
                         // Only what tungstenite queued by itself (the reply
                         // to a client's close frame, a pong) goes out.
                         _ => sink.flush().await,
                     }
-                })
+                }))
                 .await;
                 return;
             }

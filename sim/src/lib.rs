@@ -19,6 +19,7 @@ compile_error!(
 
 pub mod bench;
 pub mod coverage;
+pub mod crash;
 pub mod generate;
 pub mod history;
 pub mod invariants;

@@ -2633,11 +2633,19 @@ where
 
 /// Accepts clients on turmoil's `0.0.0.0:port` forever, one task each. Run
 /// it as a turmoil host's software.
-pub async fn serve_turmoil(shared: SharedRedis, port: u16) -> turmoil::Result {
+/// Streams are numbered by `yard`, so a crash of this host drops them in
+/// a deterministic order (see [`crate::crash`]).
+pub async fn serve_turmoil(
+    shared: SharedRedis,
+    port: u16,
+    yard: crate::crash::Graveyard,
+) -> turmoil::Result {
+    // First, so dropped last in a crash.
+    let _guard = yard.guard();
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", port)).await?;
     loop {
         let (stream, _) = listener.accept().await?;
-        tokio::spawn(serve_connection(stream, shared.clone()));
+        tokio::spawn(serve_connection(yard.wrap(stream), shared.clone()));
     }
 }
 

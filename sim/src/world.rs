@@ -24,6 +24,7 @@ use im_server::listener::BoxStream;
 use im_server::{Bug, Config, Connector, Listener, Profile, RedisLink, Server};
 use tokio::sync::Notify;
 
+use crate::crash::{Graveyard, Ordered};
 use crate::history::{Event, History, MsgKey};
 use crate::redis_model::{self, SharedRedis};
 use crate::scenario::{Action, Scenario, device_host};
@@ -68,22 +69,24 @@ struct TurmoilListener {
     inner: turmoil::net::TcpListener,
     node: u64,
     wire: WireLog,
+    yard: Graveyard,
 }
 
 impl Listener for TurmoilListener {
-    type Stream = ServerTap<turmoil::net::TcpStream>;
+    type Stream = ServerTap<Ordered<turmoil::net::TcpStream>>;
     async fn accept(&mut self) -> io::Result<(Self::Stream, SocketAddr)> {
         let (stream, peer) = self.inner.accept().await?;
         let host = turmoil::reverse_lookup(peer.ip()).unwrap_or_else(|| peer.ip().to_string());
-        Ok((self.wire.tap(stream, self.node, host), peer))
+        Ok((self.wire.tap(self.yard.wrap(stream), self.node, host), peer))
     }
 }
 
-fn turmoil_redis_connector() -> Connector {
-    Arc::new(|| {
-        Box::pin(async {
+fn turmoil_redis_connector(yard: Graveyard) -> Connector {
+    Arc::new(move || {
+        let yard = yard.clone();
+        Box::pin(async move {
             let stream = turmoil::net::TcpStream::connect(("redis", REDIS_PORT)).await?;
-            Ok(Box::new(stream) as BoxStream)
+            Ok(Box::new(yard.wrap(stream)) as BoxStream)
         })
     })
 }
@@ -212,6 +215,8 @@ struct AgentCtx {
     mailbox: Mailbox,
     activity: Arc<Activity>,
     history: Rc<RefCell<History>>,
+    /// The device host's streams, for a power-off (see `crash`).
+    yard: Graveyard,
     /// The highest inbox sequence this device received: an app keeps it
     /// across restarts, so a new client session resumes after it.
     last_seq: std::cell::Cell<u64>,
@@ -225,6 +230,8 @@ impl AgentCtx {
 
 /// A user's device: runs the real client library as the driver commands.
 async fn agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
+    // First, so dropped last in a power-off (see `crash`).
+    let _guard = ctx.yard.guard();
     let mut client: Option<Client> = None;
     loop {
         let cmd = ctx.mailbox.queue.borrow_mut().pop_front();
@@ -289,7 +296,7 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
             let attempt = async {
                 let tcp = turmoil::net::TcpStream::connect((host.as_str(), WS_PORT)).await?;
                 let stream = Tapped {
-                    inner: tcp,
+                    inner: ctx.yard.wrap(tcp),
                     activity,
                 };
                 Client::connect_over(stream, options)
@@ -385,6 +392,8 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
 /// itself until the network is back. A middlebox drop is silent to both
 /// ends: the app notices by heartbeat timeout.
 async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
+    // First, so dropped last in a power-off (see `crash`).
+    let _guard = ctx.yard.guard();
     let mut client: Option<Resilient> = None;
     let mut conn = 0u64;
     // Closed by the story; its Stopped event may still be on the way.
@@ -553,11 +562,13 @@ fn start_resilient(ctx: &AgentCtx) -> Resilient {
     let activity = ctx.activity.clone();
     let nodes = ctx.nodes;
     let reached = ctx.reached.clone();
+    let yard = ctx.yard.clone();
     // Like a load balancer: the device's home node first, then the others.
     let dial: Dial = Arc::new(move || {
         let first = home.load(Ordering::Relaxed);
         let activity = activity.clone();
         let reached = reached.clone();
+        let yard = yard.clone();
         Box::pin(async move {
             let order = std::iter::once(first).chain((1..=nodes).filter(move |&n| n != first));
             let mut last_error = io::Error::other("no nodes");
@@ -575,7 +586,7 @@ fn start_resilient(ctx: &AgentCtx) -> Resilient {
                             .last_ms
                             .store(now().as_millis() as u64, Ordering::Relaxed);
                         let stream = Tapped {
-                            inner: tcp,
+                            inner: yard.wrap(tcp),
                             activity,
                         };
                         return Ok(Box::new(stream) as Box<dyn im_client::resilient::Stream>);
@@ -618,10 +629,13 @@ pub fn run(
 
     let history = Rc::new(RefCell::new(History::default()));
     let redis = SharedRedis::new(now);
+    let mut yards = BTreeMap::new();
     {
         let redis = redis.clone();
+        let yard = Graveyard::default();
+        yards.insert("redis".to_owned(), yard.clone());
         sim.host("redis", move || {
-            redis_model::serve_turmoil(redis.clone(), REDIS_PORT)
+            redis_model::serve_turmoil(redis.clone(), REDIS_PORT, yard.clone())
         });
     }
     let wire = WireLog::default();
@@ -636,14 +650,19 @@ pub fn run(
         let drain = Arc::new(Notify::new());
         drains.insert(n, drain.clone());
         let wire = wire.clone();
+        let yard = Graveyard::default();
+        yards.insert(format!("node{n}"), yard.clone());
         sim.host(format!("node{n}"), move || {
             let config = config.clone();
             let drain = drain.clone();
             let wire = wire.clone();
+            let yard = yard.clone();
             async move {
+                // First, so dropped last in a crash (see `crash`).
+                let _guard = yard.guard();
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", WS_PORT)).await?;
                 let redis = RedisLink::new(
-                    turmoil_redis_connector(),
+                    turmoil_redis_connector(yard.clone()),
                     Default::default(),
                     config.limits.redis_timeout,
                 );
@@ -653,6 +672,7 @@ pub fn run(
                             inner: listener,
                             node: n,
                             wire,
+                            yard,
                         },
                         drain.notified(),
                     )
@@ -679,9 +699,11 @@ pub fn run(
             activity: Arc::new(Activity::default()),
             history: history.clone(),
             last_seq: std::cell::Cell::new(0),
+            yard: Graveyard::default(),
         });
         agents.insert((user, device.clone()), ctx.clone());
         let host = device_host(user, device);
+        yards.insert(host.clone(), ctx.yard.clone());
         if profile.switches().hardened {
             sim.host(host, move || hardened_agent(ctx.clone()));
         } else {
@@ -702,6 +724,7 @@ pub fn run(
         middleboxes: BTreeMap::new(),
         drains,
         net: wire.net.clone(),
+        yards,
     };
     driver.phase("story");
     for step in &scenario.steps {
@@ -884,6 +907,8 @@ fn merge_presence_writes(history: &mut History, redis: &SharedRedis) {
 
 struct Driver<'a> {
     sim: turmoil::Sim<'a>,
+    /// Each host's streams, buried in order when it crashes.
+    yards: BTreeMap<String, Graveyard>,
     history: Rc<RefCell<History>>,
     redis: SharedRedis,
     agents: BTreeMap<Dev, Rc<AgentCtx>>,
@@ -902,6 +927,13 @@ struct Driver<'a> {
 }
 
 impl Driver<'_> {
+    /// Crashes `host`, dropping its streams in a deterministic order (see
+    /// [`crate::crash`]).
+    fn crash_host(&mut self, host: &str) {
+        let yard = self.yards.get(host).cloned().unwrap_or_default();
+        yard.crash(|| self.sim.crash(host));
+    }
+
     fn record(&self, event: Event) {
         let at = self.sim.elapsed();
         self.history.borrow_mut().push(at, event);
@@ -1017,7 +1049,7 @@ impl Driver<'_> {
                     "{host} powers off (partitioned from node{node}, then its host dies for good)"
                 ));
                 self.partition(host.clone(), format!("node{node}"));
-                self.sim.crash(host.as_str());
+                self.crash_host(&host);
                 // Its client dies with it: the device's connection is gone
                 // as far as the device is concerned.
                 let last_conn = self
@@ -1085,7 +1117,7 @@ impl Driver<'_> {
             }
             Action::Crash { node } => {
                 self.fault(format!("crash node{node}"));
-                self.sim.crash(format!("node{node}").as_str());
+                self.crash_host(&format!("node{node}"));
                 self.crashed.insert(*node);
             }
             Action::Restart { node } => {
@@ -1095,7 +1127,7 @@ impl Driver<'_> {
             }
             Action::RedisStop => {
                 self.fault("redis stops".into());
-                self.sim.crash("redis");
+                self.crash_host("redis");
                 self.redis.lose_script_cache();
                 self.redis_down = true;
                 self.sync_net();
@@ -1106,7 +1138,7 @@ impl Driver<'_> {
                     if *keep_data { "with its data" } else { "empty" }
                 ));
                 if !self.redis_down {
-                    self.sim.crash("redis");
+                    self.crash_host("redis");
                 }
                 self.redis.lose_script_cache();
                 if !keep_data {

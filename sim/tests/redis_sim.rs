@@ -28,7 +28,9 @@ fn sim_clock() -> Duration {
 /// A host "redis" serving `shared` on 6379; its state survives bounces.
 fn redis_host(sim: &mut turmoil::Sim<'static>, shared: &SharedRedis) {
     let shared = shared.clone();
-    sim.host("redis", move || serve_turmoil(shared.clone(), 6379));
+    sim.host("redis", move || {
+        serve_turmoil(shared.clone(), 6379, Default::default())
+    });
 }
 
 fn info() -> RedisConnectionInfo {

@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// tungstenite's read buffer per connection; the server's
 /// `Limits::read_buffer_bytes` default (`server/src/config.rs`).
-pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+pub const READ_BUFFER_BYTES: usize = 1024;
 /// Largest inbound frame and message; the server's `Limits` defaults.
 pub const FRAME_BYTES_MAX: usize = 64 * 1024;
 /// Frames waiting in one connection's outbound queue; the server's
