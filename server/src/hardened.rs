@@ -12,13 +12,16 @@
 //!   `im:{u:ID}:inbox` at a sequence number from `im:{u:ID}:seq`. Each
 //!   connection has a pump that pushes everything after its cursor (the
 //!   device's resume point at login), woken by a doorbell (pub/sub on
-//!   `im:{u:ID}:bell`, or directly on this node) and by a poll every
-//!   heartbeat interval, since doorbells may be lost. Retries are
+//!   `im:{u:ID}:bell`) and by a poll every heartbeat interval, since
+//!   doorbells may be lost. A message stored on the pump's own node is
+//!   handed over with its frame and pushed without a Redis read when it
+//!   continues the cursor (a user's numbers are consecutive); a gap means
+//!   the inbox holds more, and the pump reads it. Retries are
 //!   deduplicated by `im:{u:ID}:dedup:FROM:CLIENT_MSG_ID`.
 //! - Every key names one user and carries the `{u:ID}` hash tag, so the
 //!   same code runs on Redis Cluster; no command spans two users.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -49,7 +52,50 @@ struct Entry {
     device: String,
     key: String,
     handle: ConnHandle,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
+}
+
+/// How a connection's pump learns there is something to push.
+#[derive(Default)]
+pub(crate) struct Wake {
+    notify: Notify,
+    /// Messages stored on this node for this user, with their frames: the
+    /// pump pushes one without reading Redis when it continues its cursor
+    /// (sequence numbers of a user are consecutive: the store script
+    /// numbers only what it inserts). Bounded by [`HANDED_MAX`].
+    handed: Mutex<VecDeque<(u64, bytes::Bytes)>>,
+    /// The inbox may hold something no hand-off carries (a doorbell from
+    /// another node, a resubscribe, a hand-off dropped): read Redis.
+    read: std::sync::atomic::AtomicBool,
+}
+
+/// Hand-offs waiting per connection; more are dropped (and the pump reads
+/// Redis instead).
+const HANDED_MAX: usize = 64;
+
+impl Wake {
+    fn handed(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, bytes::Bytes)>> {
+        self.handed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Something may be in the inbox: the pump reads Redis.
+    fn ring(&self) {
+        self.read.store(true, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// `frame` was stored at `seq`.
+    fn hand(&self, seq: u64, frame: &bytes::Bytes) {
+        {
+            let mut handed = self.handed();
+            if handed.len() < HANDED_MAX {
+                handed.push_back((seq, frame.clone()));
+            } else {
+                self.read.store(true, Ordering::Relaxed);
+            }
+        }
+        self.notify.notify_one();
+    }
 }
 
 /// This node's connections, by id and by user.
@@ -153,7 +199,7 @@ pub(crate) async fn login(
     }
     let key = format!("{}/{}/{}/{device}", cfg.node, node.incarnation, conn_id.0);
     let handle = handle.clone().for_user(user);
-    let wake = Arc::new(Notify::new());
+    let wake = Arc::new(Wake::default());
     let (superseded, first_here) = {
         let mut conns = node.lock();
         let mine: Vec<ConnId> = conns
@@ -377,7 +423,18 @@ pub(crate) async fn store(
         );
         return Ok(seq);
     }
-    ring_local(node, to);
+    if cfg.has(Bug::SeqTakenBeforeStore) {
+        // The historical store as it was: pumps read the inbox.
+        ring_local(node, to);
+    } else {
+        let frame = bytes::Bytes::from(inbox::frame(pb::Deliver {
+            from_user_id: from.0,
+            text: send.text.clone(),
+            client_msg_id: send.client_msg_id,
+            seq,
+        }));
+        hand_local(node, to, seq, &frame);
+    }
     Ok(seq)
 }
 
@@ -521,88 +578,131 @@ fn seq_start_value(shared: &Shared) -> u64 {
     }
 }
 
+/// Wakes `user`'s pumps on this node to read the inbox.
 fn ring_local(node: &Node, user: UserId) {
     let conns = node.lock();
     for id in conns.by_user.get(&user).into_iter().flatten() {
         if let Some(e) = conns.by_id.get(id) {
-            e.wake.notify_one();
+            e.wake.ring();
+        }
+    }
+}
+
+/// Hands a message just stored at `seq` to `user`'s pumps on this node.
+fn hand_local(node: &Node, user: UserId, seq: u64, frame: &bytes::Bytes) {
+    let conns = node.lock();
+    for id in conns.by_user.get(&user).into_iter().flatten() {
+        if let Some(e) = conns.by_id.get(id) {
+            e.wake.hand(seq, frame);
         }
     }
 }
 
 /// Pushes a connection everything in its user's inbox after its cursor,
-/// whenever woken, and at least every heartbeat interval.
+/// whenever woken, and at least every heartbeat interval. A message stored
+/// on this node comes with its frame ([`Wake::hand`]) and goes out without
+/// a Redis read when it continues the cursor; anything else (a gap, a
+/// doorbell, the poll) reads the inbox after the cursor.
 async fn pump(
     shared: Arc<Shared>,
     user: UserId,
     handle: ConnHandle,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     pushed: Arc<AtomicU64>,
 ) {
     let cfg = &shared.config;
     let inbox = cfg.user_key(user, "inbox");
     let page = cfg.hardened.inbox_page_len;
+    // The backlog after the device's resume point.
+    let mut read = true;
     loop {
-        let cursor = pushed.load(Ordering::Relaxed);
-        // The command lives only for its query: anything in scope at the
-        // wait below is kept in every idle pump's future.
-        let read = {
-            let cmd = redis::cmd("ZRANGEBYSCORE")
-                .arg(&inbox)
-                .arg(format!("({cursor}"))
-                .arg("+inf")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(page)
-                .clone();
-            shared.redis.query::<Vec<Vec<u8>>>(&cmd).await
-        };
-        match read {
-            Ok(members) => {
-                let full = members.len() == page;
-                for member in members {
-                    let deliver = match inbox::entry(&member) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            tracing::error!(error = %e, "corrupt inbox entry; skipping it");
-                            continue;
-                        }
-                    };
-                    let seq = deliver.seq;
-                    let bytes = inbox::frame(deliver);
-                    // Raised before the frame is queued: on a multi-threaded
-                    // runtime the client may ack it before this task runs
-                    // again, and the ack check must already know the seq.
-                    let before = pushed.fetch_max(seq, Ordering::Relaxed);
-                    // A backlog (a device back from a long absence) may be
-                    // larger than the outbound queue: wait for room, and
-                    // call it a slow consumer only when none comes.
-                    // Boxed: only alive while queueing (an idle pump's
-                    // future stays small).
-                    match Box::pin(handle.write_when_room(Message::Binary(bytes.into()))).await {
-                        Ok(()) => {}
-                        Err(WriteError::QueueFull) => {
-                            tracing::warn!(
-                                "slow consumer: outbound queue full for the write timeout; closing"
-                            );
-                            handle.close(close(close_code::SLOW_CONSUMER, "slow consumer"));
-                            return;
-                        }
-                        Err(_) => {
-                            pushed.store(before, Ordering::Relaxed);
+        loop {
+            let Some((seq, frame)) = wake.handed().pop_front() else {
+                break;
+            };
+            let cursor = pushed.load(Ordering::Relaxed);
+            if seq <= cursor {
+                continue; // a read got it first
+            }
+            if seq != cursor + 1 {
+                // Something between is in Redis (stored elsewhere, or its
+                // hand-off is still on the way): read it, and these too.
+                wake.handed().clear();
+                read = true;
+                break;
+            }
+            if !push(&handle, &pushed, seq, frame).await {
+                return;
+            }
+        }
+        if read || wake.read.swap(false, Ordering::Relaxed) {
+            read = false;
+            let cursor = pushed.load(Ordering::Relaxed);
+            // The command lives only for its query: anything in scope at
+            // the wait below is kept in every idle pump's future.
+            let members = {
+                let cmd = redis::cmd("ZRANGEBYSCORE")
+                    .arg(&inbox)
+                    .arg(format!("({cursor}"))
+                    .arg("+inf")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(page)
+                    .clone();
+                shared.redis.query::<Vec<Vec<u8>>>(&cmd).await
+            };
+            match members {
+                Ok(members) => {
+                    let full = members.len() == page;
+                    for member in members {
+                        let deliver = match inbox::entry(&member) {
+                            Ok(d) => d,
+                            Err(e) => {
+                                tracing::error!(error = %e, "corrupt inbox entry; skipping it");
+                                continue;
+                            }
+                        };
+                        let seq = deliver.seq;
+                        if !push(&handle, &pushed, seq, inbox::frame(deliver).into()).await {
                             return;
                         }
                     }
+                    if full {
+                        read = true;
+                        continue;
+                    }
                 }
-                if full {
-                    continue;
-                }
+                Err(e) => tracing::debug!(error = %e, "inbox read failed; retrying later"),
             }
-            Err(e) => tracing::debug!(error = %e, "inbox read failed; retrying later"),
         }
         tokio::select! {
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(cfg.hardened.heartbeat_interval) => {}
+            _ = wake.notify.notified() => {}
+            _ = tokio::time::sleep(cfg.hardened.heartbeat_interval) => read = true,
+        }
+    }
+}
+
+/// Queues one Deliver frame for the pump's connection; false when the pump
+/// must end (the connection is closing, or too slow and now closed).
+async fn push(handle: &ConnHandle, pushed: &AtomicU64, seq: u64, frame: bytes::Bytes) -> bool {
+    // Raised before the frame is queued: on a multi-threaded runtime the
+    // client may ack it before the pump runs again, and the ack check must
+    // already know the seq.
+    let before = pushed.fetch_max(seq, Ordering::Relaxed);
+    // A backlog (a device back from a long absence) may be larger than the
+    // outbound queue: wait for room, and call it a slow consumer only when
+    // none comes. Boxed: only alive while queueing (an idle pump's future
+    // stays small).
+    match Box::pin(handle.write_when_room(Message::Binary(frame))).await {
+        Ok(()) => true,
+        Err(WriteError::QueueFull) => {
+            tracing::warn!("slow consumer: outbound queue full for the write timeout; closing");
+            handle.close(close(close_code::SLOW_CONSUMER, "slow consumer"));
+            false
+        }
+        Err(_) => {
+            pushed.store(before, Ordering::Relaxed);
+            false
         }
     }
 }
