@@ -41,6 +41,15 @@ struct Args {
     /// Close a connection silent for this long (e.g. 60s).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     idle_timeout: Duration,
+    /// tungstenite's read buffer per connection, in bytes: memory per idle
+    /// connection against reads per burst (4096 is about 3 KB more per
+    /// connection and about 30% more 1:1 throughput for one busy pair).
+    #[arg(
+        long,
+        value_parser = clap::value_parser!(u64).range(256..=1 << 20),
+        default_value_t = im_server::Limits::default().read_buffer_bytes as u64,
+    )]
+    read_buffer_bytes: u64,
 }
 
 #[tokio::main]
@@ -72,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
     config.node = args.node;
     config.limits.connections_max = args.max_connections;
     config.limits.read_idle_timeout = args.idle_timeout;
+    config.limits.read_buffer_bytes = args.read_buffer_bytes as usize;
     let redis = RedisLink::new(
         im_server::tcp_connector(addr),
         info.redis_settings().clone(),

@@ -317,8 +317,10 @@ const STORY: [(u64, u64, &str); 4] = [
 ];
 
 /// The reconnect story as a scenario (one node): the steps [`live_reconnect`]
-/// takes, at simulated times long enough for each to finish (the live run
-/// waits for events instead).
+/// takes, at simulated times just long enough for each to finish (the live
+/// run waits for events instead; here a login takes about 20 ms and Bob's
+/// redial waits the client's 100 ms backoff, so "three", sent at 170 ms,
+/// goes out on his new connection or waits in his client until it is up).
 pub fn reconnect_scenario(seed: u64) -> Scenario {
     let ms = Duration::from_millis;
     let dev = || DEFAULT_DEVICE.to_owned();
@@ -349,20 +351,20 @@ pub fn reconnect_scenario(seed: u64) -> Scenario {
                 node: 1,
             },
         },
-        send(50, STORY[0]),
+        send(25, STORY[0]),
         // Bob's app drops its connection and redials (after the client's
         // 100 ms backoff); Alice's next message arrives while he is away.
         TimedStep {
-            at: ms(100),
+            at: ms(40),
             action: Action::Reconnect {
                 user: BOB,
                 device: dev(),
                 node: None,
             },
         },
-        send(101, STORY[1]),
-        send(400, STORY[2]),
-        send(450, STORY[3]),
+        send(41, STORY[1]),
+        send(170, STORY[2]),
+        send(180, STORY[3]),
     ];
     Scenario {
         name: "bench_reconnect".into(),
@@ -378,7 +380,7 @@ pub fn reconnect_scenario(seed: u64) -> Scenario {
         // The default tick (1 ms): the story's times assume round trips
         // of a few ms; `--tick` changes the soak only.
         timeouts: Timeouts {
-            settle: Dur(Duration::from_millis(500)),
+            settle: Dur(Duration::from_millis(100)),
             ..Timeouts::default()
         },
         network: Network::default(),
