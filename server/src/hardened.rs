@@ -404,12 +404,14 @@ pub(crate) async fn store(
 ) -> Result<u64, RedisError> {
     let cfg = &shared.config;
     let to = UserId(send.to_user_id);
-    let envelope = inbox::frame(pb::Deliver {
+    // Stored with seq 0: the number is only known inside Redis.
+    let mut deliver = pb::Deliver {
         from_user_id: from.0,
         text: send.text.clone(),
         client_msg_id: send.client_msg_id,
         seq: 0,
-    });
+    };
+    let envelope = inbox::frame(deliver.clone());
     let (fresh, seq) = if cfg.has(Bug::SeqTakenBeforeStore) {
         store_in_two_steps(shared, node, to, from, send.client_msg_id, &envelope).await?
     } else {
@@ -427,12 +429,8 @@ pub(crate) async fn store(
         // The historical store as it was: pumps read the inbox.
         ring_local(node, to);
     } else {
-        let frame = bytes::Bytes::from(inbox::frame(pb::Deliver {
-            from_user_id: from.0,
-            text: send.text.clone(),
-            client_msg_id: send.client_msg_id,
-            seq,
-        }));
+        deliver.seq = seq;
+        let frame = bytes::Bytes::from(inbox::frame(deliver));
         hand_local(node, to, seq, &frame);
     }
     Ok(seq)

@@ -41,7 +41,11 @@ pub(crate) async fn serve<S: Stream>(shared: Arc<Shared>, stream: S, peer: Strin
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(limits.read_buffer_bytes)
         .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(limits.frame_bytes_max.max(limits.message_bytes_max) * 4)
+        // tungstenite panics unless this exceeds write_buffer_size (found
+        // by the fuzzer, whose server has 1 KiB frames).
+        .max_write_buffer_size(
+            WRITE_BUFFER_BYTES + limits.frame_bytes_max.max(limits.message_bytes_max) * 4,
+        )
         .max_frame_size(Some(limits.frame_bytes_max))
         .max_message_size(Some(limits.message_bytes_max));
     let handshake =

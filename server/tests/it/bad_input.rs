@@ -219,6 +219,20 @@ async fn connections_over_the_limit_are_closed_with_1013() {
 }
 
 #[tokio::test]
+async fn a_server_with_small_frame_limits_still_serves_connections() {
+    // Frame limits below the write buffer once made every handshake panic.
+    let node = Node::start_with(Profile::Phase3, "small_frames", |c| {
+        c.limits.frame_bytes_max = 1024;
+        c.limits.message_bytes_max = 1024;
+    })
+    .await;
+    let mut a = node.connect(1001).await;
+    let mut b = node.connect(1002).await;
+    chat(&mut a, &mut b, "small frames", 1).await;
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn handshake_on_another_path_is_refused_with_404() {
     let node = Node::start(Profile::Phase3, "bad_path").await;
     let addr = node
