@@ -65,31 +65,7 @@ enum Command {
     },
     /// Plays one generated run per seed, reports failures with their
     /// replay command and how often each dangerous state was reached.
-    Sweep {
-        /// Server profile to attack.
-        #[arg(long, default_value = "hardened")]
-        profile: Profile,
-        /// Seeds: A..B (B excluded) or A..=B.
-        #[arg(long, value_parser = im_sim::sweep::parse_seeds)]
-        seeds: std::ops::Range<u64>,
-        /// Only this shard of the seeds: I/N (1-based), for splitting a
-        /// sweep across CI machines.
-        #[arg(long, default_value = "1/1")]
-        shard: im_sim::sweep::Shard,
-        /// Most ops per generated run.
-        #[arg(long, default_value_t = 12)]
-        ops_max: usize,
-        /// Writes each failing run as a scenario file into DIR.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Fails (exit 1) if a dangerous state was never reached.
-        #[arg(long)]
-        require_coverage: bool,
-        /// Switches a historical bug back on in every node (repeatable):
-        /// does the generator find it?
-        #[arg(long = "bug", value_name = "BUG")]
-        bugs: Vec<Bug>,
-    },
+    Sweep(SweepArgs),
     /// Measures the simulation (use a release build): simulated time and
     /// messages per wall second on a heartbeat soak, and a reconnect story
     /// played live and simulated. The last line of output is one JSON
@@ -161,23 +137,7 @@ fn main() -> ExitCode {
             out,
             ops_max,
         } => fuzz(profile, cases, seed, &out, ops_max),
-        Command::Sweep {
-            profile,
-            seeds,
-            shard,
-            ops_max,
-            out,
-            require_coverage,
-            bugs,
-        } => sweep(SweepArgs {
-            profile,
-            seeds,
-            shard,
-            ops_max,
-            out,
-            require_coverage,
-            bugs: bugs.into_iter().collect(),
-        }),
+        Command::Sweep(args) => sweep(args),
         Command::Bench {
             users,
             minutes,
@@ -230,14 +190,36 @@ fn bench(options: &im_sim::bench::BenchOptions) -> ExitCode {
     }
 }
 
+#[derive(Debug, clap::Args)]
 struct SweepArgs {
+    /// Server profile to attack.
+    #[arg(long, default_value = "hardened")]
     profile: Profile,
+    /// Seeds: A..B (B excluded) or A..=B.
+    #[arg(long, value_parser = im_sim::sweep::parse_seeds)]
     seeds: std::ops::Range<u64>,
+    /// Only this shard of the seeds: I/N (1-based), for splitting a
+    /// sweep across CI machines.
+    #[arg(long, default_value = "1/1")]
     shard: im_sim::sweep::Shard,
+    /// Most ops per generated run.
+    #[arg(long, default_value_t = 12)]
     ops_max: usize,
+    /// Writes each failing run as a scenario file into DIR.
+    #[arg(long)]
     out: Option<PathBuf>,
+    /// Fails (exit 1) if a dangerous state was never reached.
+    #[arg(long)]
     require_coverage: bool,
-    bugs: std::collections::BTreeSet<Bug>,
+    /// Switches a historical bug back on in every node (repeatable):
+    /// does the generator find it?
+    #[arg(long = "bug", value_name = "BUG")]
+    bugs: Vec<Bug>,
+}
+
+/// ` --bug NAME` for each bug, for replay commands.
+fn bug_flags<'a>(bugs: impl IntoIterator<Item = &'a Bug>) -> String {
+    bugs.into_iter().map(|b| format!(" --bug {b}")).collect()
 }
 
 fn sweep(args: SweepArgs) -> ExitCode {
@@ -251,7 +233,8 @@ fn sweep(args: SweepArgs) -> ExitCode {
         require_coverage,
         bugs,
     } = args;
-    let bug_flags: String = bugs.iter().map(|b| format!(" --bug {b}")).collect();
+    let bugs: std::collections::BTreeSet<Bug> = bugs.into_iter().collect();
+    let bug_flags = bug_flags(&bugs);
     let mine: Vec<u64> = shard_seeds(seeds.clone(), shard).collect();
     println!(
         "sweep: {profile}, seeds {}..{} shard {}/{}: {} runs",
@@ -496,7 +479,7 @@ fn run(paths: Vec<PathBuf>, flags: RunFlags) -> ExitCode {
         } else {
             failed += 1;
             println!("{}", outcome.report());
-            let bug_flags: String = bugs.iter().map(|b| format!(" --bug {b}")).collect();
+            let bug_flags = bug_flags(&bugs);
             println!(
                 "replay: im-sim run {} --seed {} --profile {}{bug_flags}",
                 file.display(),

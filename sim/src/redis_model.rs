@@ -1960,11 +1960,19 @@ impl Store {
             .take(e - s + 1)
             .map(|(m, _)| m.clone())
             .collect();
-        for m in &doomed {
-            z.remove(m);
+        Ok(self.zrem_members(&a[1], doomed))
+    }
+
+    /// Removes `doomed` from the sorted set at `key` (dropping the key if
+    /// it empties); answers how many.
+    fn zrem_members(&mut self, key: &Bytes, doomed: Vec<Bytes>) -> Reply {
+        if let Ok(Some(z)) = self.write::<ZSet>(key) {
+            for m in &doomed {
+                z.remove(m);
+            }
         }
-        self.drop_if_empty(&a[1]);
-        Ok(Reply::Integer(doomed.len() as i64))
+        self.drop_if_empty(key);
+        Reply::Integer(doomed.len() as i64)
     }
 
     fn zremrangebyscore(&mut self, a: &[Bytes]) -> CmdResult {
@@ -1977,11 +1985,7 @@ impl Store {
             .filter(|(_, s)| range.contains(*s))
             .map(|(m, _)| m.clone())
             .collect();
-        for m in &doomed {
-            z.remove(m);
-        }
-        self.drop_if_empty(&a[1]);
-        Ok(Reply::Integer(doomed.len() as i64))
+        Ok(self.zrem_members(&a[1], doomed))
     }
 
     // --- scripting -------------------------------------------------------------------
