@@ -90,6 +90,14 @@ pub struct WebSocketConfig {
     /// some popular libraries that are sending unmasked frames, ignoring the RFC.
     /// By default this option is set to `false`, i.e. according to RFC 6455.
     pub accept_unmasked_frames: bool,
+    /// When set to `true`, reading a frame larger than
+    /// [`read_buffer_size`](Self::read_buffer_size) does not grow the read buffer for
+    /// good: the bytes read past the frame move to a buffer of `read_buffer_size`, so
+    /// the large allocation is freed together with the frame's payload. When set to
+    /// `false`, the read buffer keeps the capacity of the largest frame read so far,
+    /// which costs up to [`max_frame_size`](Self::max_frame_size) per idle connection.
+    /// The default value is `true`.
+    pub release_large_read_buffer: bool,
 }
 
 impl Default for WebSocketConfig {
@@ -101,6 +109,7 @@ impl Default for WebSocketConfig {
             max_message_size: Some(64 << 20),
             max_frame_size: Some(16 << 20),
             accept_unmasked_frames: false,
+            release_large_read_buffer: true,
         }
     }
 }
@@ -139,6 +148,12 @@ impl WebSocketConfig {
     /// Set [`Self::accept_unmasked_frames`].
     pub fn accept_unmasked_frames(mut self, accept_unmasked_frames: bool) -> Self {
         self.accept_unmasked_frames = accept_unmasked_frames;
+        self
+    }
+
+    /// Set [`Self::release_large_read_buffer`].
+    pub fn release_large_read_buffer(mut self, release_large_read_buffer: bool) -> Self {
+        self.release_large_read_buffer = release_large_read_buffer;
         self
     }
 
@@ -400,6 +415,7 @@ impl WebSocketContext {
         config.assert_valid();
         frame.set_max_out_buffer_len(config.max_write_buffer_size);
         frame.set_out_buffer_write_len(config.write_buffer_size);
+        frame.set_release_large_in_buffer(config.release_large_read_buffer);
         Self {
             role,
             frame,
@@ -420,6 +436,7 @@ impl WebSocketContext {
         self.config.assert_valid();
         self.frame.set_max_out_buffer_len(self.config.max_write_buffer_size);
         self.frame.set_out_buffer_write_len(self.config.write_buffer_size);
+        self.frame.set_release_large_in_buffer(self.config.release_large_read_buffer);
     }
 
     /// Read the configuration.

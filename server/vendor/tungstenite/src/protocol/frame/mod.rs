@@ -105,6 +105,9 @@ pub(super) struct FrameCodec {
     /// Buffer to read data from the stream.
     in_buffer: BytesMut,
     in_buf_max_read: usize,
+    /// Whether a frame larger than `in_buf_max_read` leaves `in_buffer` at its
+    /// former capacity rather than the frame's.
+    release_large_in_buffer: bool,
     /// Buffer to send packets to the network.
     out_buffer: Vec<u8>,
     /// Capacity limit for `out_buffer`.
@@ -125,6 +128,7 @@ impl FrameCodec {
         Self {
             in_buffer: BytesMut::with_capacity(in_buf_len),
             in_buf_max_read: in_buf_len.max(FrameHeader::MAX_SIZE),
+            release_large_in_buffer: true,
             out_buffer: <_>::default(),
             max_out_buffer_len: usize::MAX,
             out_buffer_write_len: 0,
@@ -139,6 +143,7 @@ impl FrameCodec {
         Self {
             in_buffer,
             in_buf_max_read: min_in_buf_len.max(FrameHeader::MAX_SIZE),
+            release_large_in_buffer: true,
             out_buffer: <_>::default(),
             max_out_buffer_len: usize::MAX,
             out_buffer_write_len: 0,
@@ -155,6 +160,12 @@ impl FrameCodec {
     /// writing to the stream.
     pub(super) fn set_out_buffer_write_len(&mut self, len: usize) {
         self.out_buffer_write_len = len;
+    }
+
+    /// Sets whether reading a frame larger than the read buffer size releases the
+    /// buffer's grown allocation along with the frame.
+    pub(super) fn set_release_large_in_buffer(&mut self, release: bool) {
+        self.release_large_in_buffer = release;
     }
 
     /// Read a frame from the provided stream.
@@ -197,7 +208,18 @@ impl FrameCodec {
             if let Some((_, len)) = &self.header {
                 let len = *len as usize;
                 if len <= self.in_buffer.len() {
-                    break self.in_buffer.split_to(len);
+                    let payload = self.in_buffer.split_to(len);
+                    if self.release_large_in_buffer && len > self.in_buf_max_read {
+                        // `in_buffer` was grown to hold this frame and still points
+                        // into the frame's allocation, which later reads would reuse
+                        // for good. Move the bytes read past the frame to a buffer of
+                        // the usual size, so the allocation goes with the payload.
+                        let mut rest =
+                            BytesMut::with_capacity(self.in_buf_max_read.max(self.in_buffer.len()));
+                        rest.extend_from_slice(&self.in_buffer);
+                        self.in_buffer = rest;
+                    }
+                    break payload;
                 }
             }
 
@@ -296,7 +318,7 @@ mod tests {
 
     use crate::error::{CapacityError, Error};
 
-    use super::{Frame, FrameSocket};
+    use super::{Frame, FrameCodec, FrameSocket};
 
     use std::io::Cursor;
 
@@ -343,6 +365,31 @@ mod tests {
 
         let (buf, _) = sock.into_inner();
         assert_eq!(buf, vec![0x89, 0x02, 0x04, 0x05, 0x8a, 0x01, 0x01]);
+    }
+
+    #[test]
+    fn large_frame_releases_read_buffer() {
+        for release in [true, false] {
+            // A 4096-byte binary frame, then the start of a 3-byte one.
+            let mut raw = vec![0x82, 0x7e, 0x10, 0x00];
+            raw.extend([0xaa; 4096]);
+            raw.extend([0x82, 0x03, 0x03]);
+            let mut stream = Cursor::new(raw);
+            let mut codec = FrameCodec::new(1024);
+            codec.set_release_large_in_buffer(release);
+
+            let frame = codec.read_frame(&mut stream, None, false, true).unwrap().unwrap();
+            let payload = frame.into_payload();
+            assert_eq!(payload.len(), 4096);
+            // Kept, the rest of the buffer lives on in the frame's allocation.
+            let in_frame_allocation = codec.in_buffer.as_ptr() == payload.as_ptr_range().end;
+            assert_eq!(in_frame_allocation, !release);
+            assert_eq!(codec.in_buffer, [0x82, 0x03, 0x03][..]);
+
+            stream.get_mut().extend([0x02, 0x01]);
+            let frame = codec.read_frame(&mut stream, None, false, true).unwrap().unwrap();
+            assert_eq!(frame.into_payload(), &[0x03, 0x02, 0x01][..]);
+        }
     }
 
     #[test]
