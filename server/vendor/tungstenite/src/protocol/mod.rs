@@ -98,6 +98,14 @@ pub struct WebSocketConfig {
     /// which costs up to [`max_frame_size`](Self::max_frame_size) per idle connection.
     /// The default value is `true`.
     pub release_large_read_buffer: bool,
+    /// When set to `true`, a flush that has written out the whole write buffer frees
+    /// the buffer's allocation if a large message or a batch of messages grew it past
+    /// 4 KiB, so the next write starts from a small buffer again. When set to `false`,
+    /// the write buffer keeps the capacity of the largest message or batch written so
+    /// far, which costs up to [`write_buffer_size`](Self::write_buffer_size) plus the
+    /// largest message (more while writes block) per idle connection.
+    /// The default value is `true`.
+    pub release_large_write_buffer: bool,
 }
 
 impl Default for WebSocketConfig {
@@ -110,6 +118,7 @@ impl Default for WebSocketConfig {
             max_frame_size: Some(16 << 20),
             accept_unmasked_frames: false,
             release_large_read_buffer: true,
+            release_large_write_buffer: true,
         }
     }
 }
@@ -154,6 +163,12 @@ impl WebSocketConfig {
     /// Set [`Self::release_large_read_buffer`].
     pub fn release_large_read_buffer(mut self, release_large_read_buffer: bool) -> Self {
         self.release_large_read_buffer = release_large_read_buffer;
+        self
+    }
+
+    /// Set [`Self::release_large_write_buffer`].
+    pub fn release_large_write_buffer(mut self, release_large_write_buffer: bool) -> Self {
+        self.release_large_write_buffer = release_large_write_buffer;
         self
     }
 
@@ -416,6 +431,7 @@ impl WebSocketContext {
         frame.set_max_out_buffer_len(config.max_write_buffer_size);
         frame.set_out_buffer_write_len(config.write_buffer_size);
         frame.set_release_large_in_buffer(config.release_large_read_buffer);
+        frame.set_release_large_out_buffer(config.release_large_write_buffer);
         Self {
             role,
             frame,
@@ -437,6 +453,7 @@ impl WebSocketContext {
         self.frame.set_max_out_buffer_len(self.config.max_write_buffer_size);
         self.frame.set_out_buffer_write_len(self.config.write_buffer_size);
         self.frame.set_release_large_in_buffer(self.config.release_large_read_buffer);
+        self.frame.set_release_large_out_buffer(self.config.release_large_write_buffer);
     }
 
     /// Read the configuration.
@@ -548,6 +565,7 @@ impl WebSocketContext {
     {
         self._write(stream, None)?;
         self.frame.write_out_buffer(stream)?;
+        self.frame.release_large_out_buffer();
         stream.flush()?;
         self.unflushed_additional = false;
         Ok(())

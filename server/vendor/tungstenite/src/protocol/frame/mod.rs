@@ -24,6 +24,11 @@ use std::io::{self, Cursor, Error as IoError, ErrorKind as IoErrorKind, Read, Wr
 /// Read buffer size used for `FrameSocket`.
 const READ_BUF_LEN: usize = 128 * 1024;
 
+/// Largest capacity an empty write buffer keeps after a flush, unless configured
+/// otherwise: enough for the usual small messages to be written without an
+/// allocation each, small enough that an idle connection holds little.
+const OUT_BUF_KEEP_MAX: usize = 4 * 1024;
+
 /// A reader and writer for WebSocket frames.
 #[derive(Debug)]
 pub struct FrameSocket<Stream> {
@@ -95,6 +100,7 @@ where
     /// Flush writes.
     pub fn flush(&mut self) -> Result<()> {
         self.codec.write_out_buffer(&mut self.stream)?;
+        self.codec.release_large_out_buffer();
         Ok(self.stream.flush()?)
     }
 }
@@ -110,6 +116,9 @@ pub(super) struct FrameCodec {
     release_large_in_buffer: bool,
     /// Buffer to send packets to the network.
     out_buffer: Vec<u8>,
+    /// Whether a flush frees an `out_buffer` grown past `OUT_BUF_KEEP_MAX`
+    /// rather than keeping it at the largest frame or batch written.
+    release_large_out_buffer: bool,
     /// Capacity limit for `out_buffer`.
     max_out_buffer_len: usize,
     /// Buffer target length to reach before writing to the stream
@@ -130,6 +139,7 @@ impl FrameCodec {
             in_buf_max_read: in_buf_len.max(FrameHeader::MAX_SIZE),
             release_large_in_buffer: true,
             out_buffer: <_>::default(),
+            release_large_out_buffer: true,
             max_out_buffer_len: usize::MAX,
             out_buffer_write_len: 0,
             header: None,
@@ -145,6 +155,7 @@ impl FrameCodec {
             in_buf_max_read: min_in_buf_len.max(FrameHeader::MAX_SIZE),
             release_large_in_buffer: true,
             out_buffer: <_>::default(),
+            release_large_out_buffer: true,
             max_out_buffer_len: usize::MAX,
             out_buffer_write_len: 0,
             header: None,
@@ -166,6 +177,11 @@ impl FrameCodec {
     /// buffer's grown allocation along with the frame.
     pub(super) fn set_release_large_in_buffer(&mut self, release: bool) {
         self.release_large_in_buffer = release;
+    }
+
+    /// Sets whether a flush releases a write buffer grown past `OUT_BUF_KEEP_MAX`.
+    pub(super) fn set_release_large_out_buffer(&mut self, release: bool) {
+        self.release_large_out_buffer = release;
     }
 
     /// Read a frame from the provided stream.
@@ -311,6 +327,22 @@ impl FrameCodec {
 
         Ok(())
     }
+
+    /// Frees the allocation of an empty `out_buffer` that a large frame or batch
+    /// grew past `OUT_BUF_KEEP_MAX`, if so configured; the next write allocates
+    /// what it needs.
+    ///
+    /// To be called by flushes once [`Self::write_out_buffer`] has succeeded, not
+    /// on every write: the frames buffered between two flushes go on reusing the
+    /// grown buffer, and a connection that has gone quiet keeps none of it.
+    pub(super) fn release_large_out_buffer(&mut self) {
+        if self.release_large_out_buffer
+            && self.out_buffer.is_empty()
+            && self.out_buffer.capacity() > OUT_BUF_KEEP_MAX
+        {
+            self.out_buffer = Vec::new();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -318,7 +350,7 @@ mod tests {
 
     use crate::error::{CapacityError, Error};
 
-    use super::{Frame, FrameCodec, FrameSocket};
+    use super::{Frame, FrameCodec, FrameSocket, OUT_BUF_KEEP_MAX};
 
     use std::io::Cursor;
 
@@ -389,6 +421,38 @@ mod tests {
             stream.get_mut().extend([0x02, 0x01]);
             let frame = codec.read_frame(&mut stream, None, false, true).unwrap().unwrap();
             assert_eq!(frame.into_payload(), &[0x03, 0x02, 0x01][..]);
+        }
+    }
+
+    #[test]
+    fn large_write_releases_write_buffer() {
+        for release in [true, false] {
+            let mut sock = FrameSocket::new(Vec::new());
+            sock.codec.set_release_large_out_buffer(release);
+            sock.codec.set_out_buffer_write_len(usize::MAX);
+
+            // A small frame's buffer is kept for the next write either way.
+            sock.send(Frame::ping(vec![0xaa; 100])).unwrap();
+            let small = sock.codec.out_buffer.capacity();
+            assert!((102..=OUT_BUF_KEEP_MAX).contains(&small), "{small}");
+
+            // A larger batch's is freed once flushed, not before.
+            for _ in 0..40 {
+                sock.write(Frame::ping(vec![0xbb; 125])).unwrap();
+            }
+            assert_eq!(sock.codec.out_buffer.len(), 40 * 127);
+            sock.flush().unwrap();
+            assert_eq!(sock.get_ref().len(), 102 + 40 * 127);
+            let large = sock.codec.out_buffer.capacity();
+            if release {
+                assert_eq!(large, 0);
+            } else {
+                assert!(large >= 40 * 127, "{large}");
+            }
+
+            // The next frame is written as usual.
+            sock.send(Frame::ping(vec![0xcc; 3])).unwrap();
+            assert_eq!(sock.get_ref()[102 + 40 * 127..], [0x89, 0x03, 0xcc, 0xcc, 0xcc]);
         }
     }
 
