@@ -125,6 +125,10 @@ pub struct Options {
     pub device: String,
     /// Hardened: the highest inbox sequence this device already has.
     pub resume_after_seq: u64,
+    /// A clean close waits this long for the server's close reply, then
+    /// drops the socket and reports the close done anyway (a dead path
+    /// never answers).
+    pub close_timeout: Duration,
 }
 
 impl Options {
@@ -140,6 +144,7 @@ impl Options {
             token: String::new(),
             device: String::new(),
             resume_after_seq: 0,
+            close_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -175,6 +180,11 @@ pub enum Event {
         client_msg_id: u64,
         accepted: bool,
         reason: String,
+        /// Why it was refused (`pb::ErrorCode` as i32; 0 when accepted).
+        code: i32,
+        /// Set when the refusal is temporary: send the same message, with
+        /// the same id, again after this long.
+        retry_after: Option<Duration>,
     },
     /// The server refused something we sent.
     ServerError { code: i32, detail: String },
@@ -271,6 +281,7 @@ impl Client {
             ws,
             options.profile,
             heartbeat,
+            options.close_timeout,
             command_rx,
             event_tx,
         ));
@@ -295,6 +306,14 @@ impl Client {
     /// Hardened: the inbox's last sequence number at login.
     pub fn inbox_last_seq(&self) -> u64 {
         self.inbox_last_seq
+    }
+
+    /// A handle that sends while another part of the caller reads events
+    /// (see [`ClientSender`]).
+    pub fn sender(&self) -> ClientSender {
+        ClientSender {
+            commands: self.commands.clone(),
+        }
     }
 
     /// Sends a chat message; the answer arrives as [`Event::SendResult`].
@@ -332,6 +351,45 @@ impl Client {
     /// An event if one is ready.
     pub fn try_next_event(&mut self) -> Option<Event> {
         self.events.try_recv().ok()
+    }
+
+    async fn command(&self, cmd: Command) -> Result<(), ClientError> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+}
+
+/// Sends on a [`Client`]'s connection from elsewhere than where its events
+/// are read. Backpressure: a send waits while `commands_max` commands are
+/// queued; the connection task works them off as fast as the socket takes
+/// them, but it stops reading the socket while `events_max` events wait
+/// unread, and a server whose answers are unread stops reading too. So a
+/// caller that sends more than a few hundred messages must read events
+/// meanwhile: select between [`ClientSender::send`] and
+/// [`Client::next_event`] in one task, or use two tasks. Sending alone
+/// never fails for want of reading; it waits.
+#[derive(Clone, Debug)]
+pub struct ClientSender {
+    commands: mpsc::Sender<Command>,
+}
+
+impl ClientSender {
+    /// As [`Client::send`].
+    pub async fn send(
+        &self,
+        to: UserId,
+        text: &str,
+        client_msg_id: u64,
+    ) -> Result<(), ClientError> {
+        self.command(Command::Send(msg::send(to.0, text, client_msg_id)))
+            .await
+    }
+
+    /// As [`Client::close`].
+    pub async fn close(&self) -> Result<(), ClientError> {
+        self.command(Command::Close).await
     }
 
     async fn command(&self, cmd: Command) -> Result<(), ClientError> {
@@ -395,6 +453,7 @@ async fn connection_task<S>(
     mut ws: WebSocketStream<S>,
     profile: ClientProfile,
     heartbeat_timeout: Option<Duration>,
+    close_timeout: Duration,
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
 ) where
@@ -402,6 +461,9 @@ async fn connection_task<S>(
 {
     let mut paused = false;
     let mut closing = false;
+    // A clean close ends by this time whether or not the server answers.
+    let close_by = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(close_by);
     // Hardened: silence from the server past the agreed timeout means the
     // path is dead (half-open); give up on this connection.
     let silence = heartbeat_timeout.unwrap_or(Duration::MAX);
@@ -413,6 +475,10 @@ async fn connection_task<S>(
             _ = tokio::time::sleep_until(deadline), if heartbeat_timeout.is_some() && !closing => {
                 break CloseCause::Lost("heartbeat timeout: the server went silent".into());
             }
+            _ = &mut close_by, if closing => {
+                tracing::debug!("no close reply within the close timeout; dropping the socket");
+                break CloseCause::ByUser;
+            }
             cmd = commands.recv(), if !closing => match cmd {
                 Some(Command::Send(body)) => {
                     if let Err(e) = ws.send(Message::Binary(im_proto::encode(body))).await {
@@ -422,7 +488,10 @@ async fn connection_task<S>(
                 Some(Command::Close) | None => {
                     closing = true;
                     paused = false;
-                    let _ = ws.close(None).await;
+                    close_by.as_mut().reset(tokio::time::Instant::now() + close_timeout);
+                    // Bounded too: over a dead path the close frame's own
+                    // write may never complete.
+                    let _ = tokio::time::timeout(close_timeout, ws.close(None)).await;
                 }
                 Some(Command::Abort) => break CloseCause::Aborted,
                 Some(Command::PauseReading(p)) => paused = p,
@@ -536,6 +605,9 @@ fn business(body: Body) -> Inbound {
             client_msg_id: r.client_msg_id,
             accepted: r.status == SendStatus::Accepted as i32,
             reason: r.reason,
+            code: r.code,
+            retry_after: (r.retry_after_ms > 0)
+                .then(|| Duration::from_millis(r.retry_after_ms.into())),
         }),
         Body::Error(pb::Error { code, detail }) => {
             Inbound::Event(Event::ServerError { code, detail })

@@ -3,12 +3,23 @@
 //!
 //! Reads lines `TO_USER_ID TEXT` from stdin and sends each; prints every
 //! received message as `FROM_USER_ID TEXT` on stdout. When stdin is not a
-//! terminal it exits 0 once stdin has closed and `--linger` has passed.
+//! terminal it closes once stdin has closed and `--linger` has passed.
+//!
+//! Exit statuses (what a script can rely on):
+//! - 0: stdin ended and the session closed cleanly.
+//! - 1: an error: the server could not be reached, the login was refused,
+//!   the connection broke off (one line on stderr says which).
+//! - 2: bad arguments.
+//! - 3: the server ended the session normally before stdin did (idle
+//!   timeout 1001, drain 1012 for a client that does not reconnect,
+//!   superseded 4001 by a newer login of the same device): one line
+//!   `closed by the server: CODE REASON` on stderr.
 //!
 //! `im-client bench` measures a server (see `im_client::bench`): a human
 //! summary, then one JSON object as the last line of stdout.
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -108,8 +119,11 @@ impl BenchArgs {
     }
 }
 
+/// Exit status: the server ended the session normally (see the module docs).
+const CLOSED_BY_SERVER: u8 = 3;
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     // The bench reports its progress on stderr; chat stays quiet.
     let default_filter = match cli.command {
@@ -124,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     match (cli.command, cli.chat) {
-        (Some(Command::Bench(args)), _) => bench(args).await,
+        (Some(Command::Bench(args)), _) => bench(args).await.map(|()| ExitCode::SUCCESS),
         (None, Some(args)) => chat(args).await,
         // clap requires --user without a subcommand; this is for safety.
         (None, None) => anyhow::bail!("nothing to do: pass --user ID, or a subcommand"),
@@ -138,7 +152,13 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn chat(args: Args) -> anyhow::Result<()> {
+/// Says how the server ended the session, in one line; the exit status.
+fn closed_by_server(code: u16, reason: &str) -> ExitCode {
+    eprintln!("closed by the server: {code} {reason}");
+    ExitCode::from(CLOSED_BY_SERVER)
+}
+
+async fn chat(args: Args) -> anyhow::Result<ExitCode> {
     let interactive = std::io::stdin().is_terminal();
     let mut options = Options::new(UserId(args.user), &args.url);
     options.profile = args.profile;
@@ -178,12 +198,15 @@ async fn chat(args: Args) -> anyhow::Result<()> {
             biased;
             event = client.next_event() => match event {
                 Some(Event::Delivered { from, text, .. }) => println!("{from} {text}"),
-                Some(Event::SendResult { accepted: false, client_msg_id, reason }) => {
+                Some(Event::SendResult { accepted: false, client_msg_id, reason, .. }) => {
                     eprintln!("message {client_msg_id} not sent: {reason}");
                 }
                 Some(Event::SendResult { .. }) => {}
                 Some(Event::ServerError { code, detail }) => eprintln!("server error {code}: {detail}"),
-                Some(Event::Closed(CloseCause::ByUser)) | None => return Ok(()),
+                Some(Event::Closed(CloseCause::ByUser)) | None => return Ok(ExitCode::SUCCESS),
+                Some(Event::Closed(CloseCause::ByServer { code, reason })) => {
+                    return Ok(closed_by_server(code, &reason));
+                }
                 Some(Event::Closed(cause)) => anyhow::bail!("connection closed: {cause:?}"),
             },
             // After Close, keep printing until the close completes.
@@ -214,11 +237,16 @@ struct Input {
 
 impl Input {
     fn new(linger: Duration) -> Input {
+        // Message ids must not repeat across runs (the hardened server
+        // refuses an id reused for another message): start from the clock.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
         Input {
             lines: tokio::io::BufReader::new(tokio::io::stdin()).lines(),
             stdin_open: true,
             close_sent: false,
-            next_id: 1,
+            next_id: now_ms.saturating_mul(1000).max(1),
             linger,
             close_at: Box::pin(tokio::time::sleep(Duration::MAX)),
         }
@@ -262,7 +290,7 @@ fn parse_line(line: &str) -> Option<(UserId, &str)> {
 
 /// The same chat loop over the resilient client (hardened servers):
 /// reconnects, resumes, retries, and reports refusals.
-async fn hardened(args: Args, options: Options, interactive: bool) -> anyhow::Result<()> {
+async fn hardened(args: Args, options: Options, interactive: bool) -> anyhow::Result<ExitCode> {
     use im_client::resilient::{Resilience, Resilient, ResilientEvent, tcp_dial};
     let dial = tcp_dial(&args.url)?;
     let mut client = Resilient::start(dial, options, Resilience::default());
@@ -281,11 +309,16 @@ async fn hardened(args: Args, options: Options, interactive: bool) -> anyhow::Re
             Some(ResilientEvent::ConnectFailed { error }) => {
                 anyhow::bail!("cannot log in: {error}")
             }
+            Some(ResilientEvent::Stopped(CloseCause::ByServer { code, reason }))
+            | Some(ResilientEvent::Disconnected {
+                cause: CloseCause::ByServer { code, reason },
+                ..
+            }) => return Ok(closed_by_server(code, &reason)),
             Some(ResilientEvent::Stopped(cause))
             | Some(ResilientEvent::Disconnected { cause, .. }) => {
                 anyhow::bail!("connection closed: {cause:?}")
             }
-            Some(ResilientEvent::Event(_)) => {}
+            Some(ResilientEvent::Event(_) | ResilientEvent::Retrying { .. }) => {}
             None => anyhow::bail!("client stopped"),
         }
     }
@@ -296,12 +329,18 @@ async fn hardened(args: Args, options: Options, interactive: bool) -> anyhow::Re
             biased;
             event = client.next_event() => match event {
                 Some(ResilientEvent::Event(Event::Delivered { from, text, .. })) => println!("{from} {text}"),
-                Some(ResilientEvent::Event(Event::SendResult { accepted: false, client_msg_id, reason })) => {
+                Some(ResilientEvent::Event(Event::SendResult { accepted: false, client_msg_id, reason, .. })) => {
                     eprintln!("message {client_msg_id} not sent: {reason}");
+                }
+                Some(ResilientEvent::Retrying { client_msg_id, reason, after }) => {
+                    eprintln!("message {client_msg_id} waiting: {reason}; retrying in {}", humantime::format_duration(after));
                 }
                 Some(ResilientEvent::Event(Event::ServerError { code, detail })) => eprintln!("server error {code}: {detail}"),
                 Some(ResilientEvent::Disconnected { cause, .. }) if !closing => eprintln!("disconnected ({cause:?}); reconnecting"),
-                Some(ResilientEvent::Stopped(CloseCause::ByUser)) | None => return Ok(()),
+                Some(ResilientEvent::Stopped(CloseCause::ByUser)) | None => return Ok(ExitCode::SUCCESS),
+                Some(ResilientEvent::Stopped(CloseCause::ByServer { code, reason })) => {
+                    return Ok(closed_by_server(code, &reason));
+                }
                 Some(ResilientEvent::Stopped(cause)) => anyhow::bail!("connection closed: {cause:?}"),
                 Some(_) => {}
             },

@@ -3,8 +3,12 @@
 //! sends the server has not answered (the server deduplicates them by
 //! client message id), retries sends refused as "unavailable", and drops
 //! duplicate deliveries. Sends to one recipient go one at a time, in order:
-//! a send refused and retried can never be stored after its successor. It stops only when asked to, or when a newer
-//! connection of the same device supersedes it (close 4001).
+//! a send refused and retried can never be stored after its successor. A
+//! send is never left waiting for an answer for good: unanswered after
+//! `answer_timeout`, it goes again (same id; the server deduplicates), and
+//! a temporary refusal (`retry_after`) sends it again after that delay. It
+//! stops only when asked to, or when a newer connection of the same device
+//! supersedes it (close 4001).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -47,12 +51,16 @@ pub fn tcp_dial(url: &str) -> Result<Dial, crate::ClientError> {
 pub struct Resilience {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
-    /// Sends not yet answered; one more is refused at once.
+    /// Sends not yet answered. While this many wait, [`Resilient::send`]
+    /// waits for an answer to free a place (backpressure).
     pub pending_max: usize,
     /// Delivered (sender, client_msg_id) pairs remembered to drop duplicates.
     pub dedup_window: usize,
-    /// Delay before resending sends refused as unavailable.
-    pub retry_after: Duration,
+    /// A send on the wire with no answer after this long is sent again,
+    /// with the same id, on the same connection (the server deduplicates
+    /// it). The server answers within its write timeout or closes the
+    /// connection, so this is a second line of defence.
+    pub answer_timeout: Duration,
 }
 
 impl Default for Resilience {
@@ -62,7 +70,7 @@ impl Default for Resilience {
             backoff_max: Duration::from_secs(5),
             pending_max: 1024,
             dedup_window: 4096,
-            retry_after: Duration::from_secs(1),
+            answer_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -76,12 +84,21 @@ pub enum ResilientEvent {
     Disconnected { conn_id: u64, cause: CloseCause },
     /// A dial or login failed; a retry follows after backoff.
     ConnectFailed { error: String },
-    /// One of [`Event::Delivered`], [`Event::SendResult`], [`Event::ServerError`].
+    /// The server refused a send for now (its store is unreachable, the
+    /// recipient's inbox is full): it goes again, same id, after `after`.
+    Retrying {
+        client_msg_id: u64,
+        reason: String,
+        after: Duration,
+    },
+    /// One of [`Event::Delivered`], [`Event::SendResult`] (only final
+    /// answers, once per send), [`Event::ServerError`].
     Event(Event),
     /// The client gave up for good (closed by the user, or superseded).
     Stopped(CloseCause),
 }
 
+#[derive(Clone, Debug)]
 enum Cmd {
     Send { to: UserId, text: String, id: u64 },
     Close,
@@ -90,9 +107,62 @@ enum Cmd {
 }
 
 /// Handle to a running resilient client.
+///
+/// Backpressure: [`Resilient::send`] waits while `pending_max` sends are
+/// unanswered (and while `commands_max` commands are queued); answers
+/// arrive as events, and the client stops taking answers from the network
+/// while `events_max` events wait unread. So a caller that sends more than
+/// `pending_max` messages must read events meanwhile, from the same task
+/// through [`Resilient::sender`] in a `select!`, or from another task;
+/// then nothing ever waits for good. Nothing is refused for want of room.
 pub struct Resilient {
     commands: mpsc::Sender<Cmd>,
     events: mpsc::Receiver<ResilientEvent>,
+}
+
+/// Sends on a [`Resilient`] client from wherever its events are not read.
+#[derive(Clone, Debug)]
+pub struct ResilientSender {
+    commands: mpsc::Sender<Cmd>,
+}
+
+impl ResilientSender {
+    /// As [`Resilient::send`].
+    pub async fn send(
+        &self,
+        to: UserId,
+        text: &str,
+        client_msg_id: u64,
+    ) -> Result<(), crate::ClientError> {
+        self.command(Cmd::Send {
+            to,
+            text: text.to_owned(),
+            id: client_msg_id,
+        })
+        .await
+    }
+
+    /// As [`Resilient::close`].
+    pub async fn close(&self) -> Result<(), crate::ClientError> {
+        self.command(Cmd::Close).await
+    }
+
+    /// As [`Resilient::reconnect`].
+    pub async fn reconnect(&self) -> Result<(), crate::ClientError> {
+        self.command(Cmd::Reconnect).await
+    }
+
+    /// As [`Resilient::pause_reading`].
+    pub async fn pause_reading(&self, paused: bool) -> Result<(), crate::ClientError> {
+        self.command(Cmd::PauseReading(paused)).await
+    }
+
+    async fn command(&self, cmd: Cmd) -> Result<(), crate::ClientError> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| crate::ClientError::Closed)
+    }
 }
 
 impl Resilient {
@@ -104,6 +174,15 @@ impl Resilient {
         Resilient { commands, events }
     }
 
+    /// A handle for sending while this one reads events.
+    pub fn sender(&self) -> ResilientSender {
+        ResilientSender {
+            commands: self.commands.clone(),
+        }
+    }
+
+    /// Queues a message; the final answer arrives as
+    /// [`Event::SendResult`]. Waits while the client is full (see above).
     pub async fn send(
         &self,
         to: UserId,
@@ -150,8 +229,6 @@ struct State {
     seen_order: VecDeque<(u64, u64)>,
     /// Unanswered sends.
     outbox: Outbox,
-    /// Sends refused as unavailable, to resend after `retry_after`.
-    retry: BTreeSet<u64>,
     paused: bool,
 }
 
@@ -161,10 +238,15 @@ struct State {
 /// unavailable and retried would be stored after a successor that got
 /// through (found by `im-sim sweep`, seed 18: Redis restarting between two
 /// sends). One in flight per conversation keeps each sender's order.
+///
+/// Each head has a due time: when it goes (again) unless answered first.
+/// Sent, it is due again after the answer timeout; refused for now, after
+/// the server's `retry_after`.
 #[derive(Debug, Default)]
 struct Outbox {
     sends: BTreeMap<u64, (UserId, String)>,
     queues: BTreeMap<UserId, VecDeque<u64>>,
+    due: BTreeMap<u64, tokio::time::Instant>,
 }
 
 impl Outbox {
@@ -202,19 +284,60 @@ impl Outbox {
             .collect()
     }
 
-    /// `id` was answered: forgets it; returns its recipient's next send.
-    fn answered(&mut self, id: u64) -> Option<(u64, UserId, String)> {
+    /// `id` was answered for good: forgets it; `None` if it was not
+    /// waiting (a second answer, to a resend); else its recipient's next
+    /// send, if that is now the head.
+    fn answered(&mut self, id: u64) -> Option<Option<(u64, UserId, String)>> {
         let (to, _) = self.sends.remove(&id)?;
-        let queue = self.queues.get_mut(&to)?;
+        self.due.remove(&id);
+        let Some(queue) = self.queues.get_mut(&to) else {
+            return Some(None);
+        };
         let was_head = queue.front() == Some(&id);
         queue.retain(|q| *q != id);
-        let next = *queue.front()?;
+        let Some(&next) = queue.front() else {
+            self.queues.remove(&to);
+            return Some(None);
+        };
         if !was_head {
-            return None;
+            return Some(None);
         }
         let (to, text) = &self.sends[&next];
-        Some((next, *to, text.clone()))
+        Some(Some((next, *to, text.clone())))
     }
+
+    /// The earliest due time, if any send is due at all.
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        self.due.values().min().copied()
+    }
+
+    /// Heads due by `now`, in id order.
+    fn due_by(&self, now: tokio::time::Instant) -> Vec<(u64, UserId, String)> {
+        self.due
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .filter_map(|(id, _)| {
+                let (to, text) = self.head(*id)?;
+                Some((*id, to, text.to_owned()))
+            })
+            .collect()
+    }
+}
+
+/// One connection's life in the resilient loop: puts `id` on the wire and
+/// marks it due again after the answer timeout.
+async fn put_on_wire(
+    client: &Client,
+    st: &mut State,
+    r: &Resilience,
+    id: u64,
+    to: UserId,
+    text: &str,
+) {
+    st.outbox
+        .due
+        .insert(id, tokio::time::Instant::now() + r.answer_timeout);
+    let _ = client.send(to, text, id).await;
 }
 
 async fn run(
@@ -229,26 +352,55 @@ async fn run(
         seen: BTreeSet::new(),
         seen_order: VecDeque::new(),
         outbox: Outbox::default(),
-        retry: BTreeSet::new(),
         paused: false,
     };
     let mut backoff = r.backoff_min;
     loop {
         let mut opts = options.clone();
         opts.resume_after_seq = st.last_seq;
-        let attempt = async {
+        let attempt = tokio::time::timeout(options.login_timeout, async {
             let stream = dial().await.map_err(crate::ClientError::Connect)?;
             Client::connect_over(stream, opts).await
-        };
-        let outcome = match tokio::time::timeout(options.login_timeout, attempt).await {
-            Ok(result) => result.map_err(|e| e.to_string()),
-            Err(_) => Err("timed out".to_owned()),
+        });
+        tokio::pin!(attempt);
+        // Commands keep coming while a login is under way: sends queue up,
+        // a Reconnect abandons this attempt (its socket is dropped) and
+        // dials again at once, a Close stops.
+        let mut abandoned = false;
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                cmd = commands.recv(), if st.outbox.len() < r.pending_max => match cmd {
+                    Some(Cmd::Send { to, text, id }) => {
+                        st.outbox.push(to, text, id);
+                    }
+                    Some(Cmd::PauseReading(p)) => st.paused = p,
+                    Some(Cmd::Reconnect) => {
+                        abandoned = true;
+                        break Err("abandoned for a new attempt".to_owned());
+                    }
+                    Some(Cmd::Close) | None => {
+                        let _ = events
+                            .send(ResilientEvent::Stopped(CloseCause::ByUser))
+                            .await;
+                        return;
+                    }
+                },
+                result = &mut attempt => break match result {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(_) => Err("timed out".to_owned()),
+                },
+            }
         };
         let mut client = match outcome {
             Ok(c) => c,
             Err(error) => {
                 let _ = events.send(ResilientEvent::ConnectFailed { error }).await;
-                if wait_or_stop(&mut commands, &events, &mut st, &r, backoff).await {
+                if abandoned {
+                    backoff = r.backoff_min;
+                    continue;
+                }
+                if wait_or_stop(&mut commands, &mut st, &r, backoff).await {
                     let _ = events
                         .send(ResilientEvent::Stopped(CloseCause::ByUser))
                         .await;
@@ -266,23 +418,21 @@ async fn run(
         }
         // Whatever was not answered on the last connection goes again.
         for (id, to, text) in st.outbox.heads() {
-            let _ = client.send(to, &text, id).await;
+            put_on_wire(&client, &mut st, &r, id, to, &text).await;
         }
-        st.retry.clear();
         let mut stopping = false;
-        let retry_timer = tokio::time::sleep(Duration::MAX);
-        tokio::pin!(retry_timer);
+        let due_timer = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(due_timer);
         let cause = loop {
+            if let Some(at) = st.outbox.next_due() {
+                due_timer.as_mut().reset(at);
+            }
             tokio::select! {
                 biased;
-                cmd = commands.recv(), if !stopping => match cmd {
+                cmd = commands.recv(), if !stopping && st.outbox.len() < r.pending_max => match cmd {
                     Some(Cmd::Send { to, text, id }) => {
-                        if st.outbox.len() >= r.pending_max {
-                            refuse_full(&events, id).await;
-                            continue;
-                        }
                         if st.outbox.push(to, text.clone(), id) {
-                            let _ = client.send(to, &text, id).await;
+                            put_on_wire(&client, &mut st, &r, id, to, &text).await;
                         }
                     }
                     Some(Cmd::Close) | None => {
@@ -297,11 +447,9 @@ async fn run(
                         let _ = client.pause_reading(p).await;
                     }
                 },
-                _ = &mut retry_timer, if !st.retry.is_empty() => {
-                    for id in std::mem::take(&mut st.retry) {
-                        if let Some((to, text)) = st.outbox.head(id) {
-                            let _ = client.send(to, text, id).await;
-                        }
+                _ = &mut due_timer, if st.outbox.next_due().is_some() => {
+                    for (id, to, text) in st.outbox.due_by(tokio::time::Instant::now()) {
+                        put_on_wire(&client, &mut st, &r, id, to, &text).await;
                     }
                 }
                 event = client.next_event() => match event {
@@ -321,16 +469,23 @@ async fn run(
                             }
                         }
                     }
-                    Some(Event::SendResult { client_msg_id, accepted, reason }) => {
-                        if !accepted && reason.starts_with("unavailable") {
-                            st.retry.insert(client_msg_id);
-                            retry_timer.as_mut().reset(tokio::time::Instant::now() + r.retry_after);
+                    Some(Event::SendResult { client_msg_id, accepted, reason, code, retry_after }) => {
+                        if !accepted && let Some(after) = retry_after {
+                            if st.outbox.head(client_msg_id).is_some() {
+                                st.outbox.due.insert(client_msg_id, tokio::time::Instant::now() + after);
+                                let e = ResilientEvent::Retrying { client_msg_id, reason, after };
+                                let _ = events.send(e).await;
+                            }
                             continue;
                         }
-                        if let Some((id, to, text)) = st.outbox.answered(client_msg_id) {
-                            let _ = client.send(to, &text, id).await;
+                        let Some(next) = st.outbox.answered(client_msg_id) else {
+                            // The answer to a resend of something answered.
+                            continue;
+                        };
+                        if let Some((id, to, text)) = next {
+                            put_on_wire(&client, &mut st, &r, id, to, &text).await;
                         }
-                        let e = Event::SendResult { client_msg_id, accepted, reason };
+                        let e = Event::SendResult { client_msg_id, accepted, reason, code, retry_after };
                         let _ = events.send(ResilientEvent::Event(e)).await;
                     }
                     Some(e @ Event::ServerError { .. }) => {
@@ -347,12 +502,15 @@ async fn run(
                 cause: cause.clone(),
             })
             .await;
+        // 4001 comes only from the connection in hand: an abandoned one
+        // (a login that timed out, a dropped socket) is never read again,
+        // so its close cannot stop the client.
         let superseded = matches!(cause, CloseCause::ByServer { code, .. } if code == im_proto::close_code::SUPERSEDED);
         if stopping || superseded {
             let _ = events.send(ResilientEvent::Stopped(cause)).await;
             return;
         }
-        if wait_or_stop(&mut commands, &events, &mut st, &r, backoff).await {
+        if wait_or_stop(&mut commands, &mut st, &r, backoff).await {
             let _ = events
                 .send(ResilientEvent::Stopped(CloseCause::ByUser))
                 .await;
@@ -362,21 +520,11 @@ async fn run(
     }
 }
 
-/// Answers a send the outbox has no room for.
-async fn refuse_full(events: &mpsc::Sender<ResilientEvent>, id: u64) {
-    let refused = Event::SendResult {
-        client_msg_id: id,
-        accepted: false,
-        reason: "too many unanswered sends".into(),
-    };
-    let _ = events.send(ResilientEvent::Event(refused)).await;
-}
-
 /// Waits `delay` before the next dial while still taking commands: sends
-/// queue up, Reconnect cuts the wait short. Returns true on Close.
+/// queue up (while there is room), Reconnect cuts the wait short. Returns
+/// true on Close.
 async fn wait_or_stop(
     commands: &mut mpsc::Receiver<Cmd>,
-    events: &mpsc::Sender<ResilientEvent>,
     st: &mut State,
     r: &Resilience,
     delay: Duration,
@@ -385,13 +533,9 @@ async fn wait_or_stop(
     loop {
         tokio::select! {
             biased;
-            cmd = commands.recv() => match cmd {
+            cmd = commands.recv(), if st.outbox.len() < r.pending_max => match cmd {
                 Some(Cmd::Send { to, text, id }) => {
-                    if st.outbox.len() < r.pending_max {
-                        st.outbox.push(to, text, id);
-                    } else {
-                        refuse_full(events, id).await;
-                    }
+                    st.outbox.push(to, text, id);
                 }
                 Some(Cmd::Close) | None => return true,
                 Some(Cmd::Reconnect) => return false,
@@ -420,10 +564,11 @@ mod tests {
         let heads: Vec<u64> = o.heads().iter().map(|h| h.0).collect();
         assert_eq!(heads, vec![1, 3]);
         assert!(o.head(2).is_none());
-        assert_eq!(o.answered(1), Some((2, UserId(2), "b".into())));
+        assert_eq!(o.answered(1), Some(Some((2, UserId(2), "b".into()))));
         assert_eq!(o.head(2), Some((UserId(2), "b")));
-        assert_eq!(o.answered(2), None);
-        assert_eq!(o.answered(3), None);
+        assert_eq!(o.answered(2), Some(None));
+        assert_eq!(o.answered(3), Some(None));
+        assert_eq!(o.answered(3), None, "a second answer is not an answer");
         assert_eq!(o.len(), 0);
     }
 }

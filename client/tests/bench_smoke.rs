@@ -41,6 +41,7 @@ async fn bench_runs_end_to_end_against_a_relay() {
     assert!(report.idle.skipped.is_none(), "{}", report.idle);
     assert_eq!(report.idle.server_opened, 20, "{}", report.idle);
     assert_eq!(report.idle.baseline_opened, 20, "{}", report.idle);
+    assert_eq!(report.idle.large_frames_answered, 20, "{}", report.idle);
 
     // The last line of `im-client bench`: one JSON object with every key.
     let line = report.to_json().to_string();
@@ -66,6 +67,10 @@ async fn bench_runs_end_to_end_against_a_relay() {
         assert!(json[key].is_number(), "{key} in {line}");
     }
     assert!(json["bytes_per_idle_conn"].is_number(), "{line}");
+    assert!(
+        json["bytes_per_idle_conn_after_large_frame"].is_number(),
+        "{line}"
+    );
     assert!(json["server_cpu_us_per_msg"].is_number(), "{line}");
     assert_eq!(json["errors"], 0, "{line}");
     println!("{report}");
@@ -86,5 +91,6 @@ async fn the_idle_part_is_skipped_without_a_server_pid() {
     assert!(report.idle.skipped.is_some());
     let json = report.to_json();
     assert!(json["bytes_per_idle_conn"].is_null());
+    assert!(json["bytes_per_idle_conn_after_large_frame"].is_null());
     assert!(json["baseline_bytes_per_idle_conn"].is_null());
 }

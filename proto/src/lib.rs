@@ -121,17 +121,37 @@ pub mod msg {
         Body::SendResult(pb::SendResult {
             client_msg_id,
             status: pb::SendStatus::Accepted as i32,
-            reason: String::new(),
             seq,
+            ..Default::default()
         })
     }
 
-    pub fn rejected(client_msg_id: u64, reason: impl Into<String>) -> Body {
+    /// A final refusal: the client must not send this message again.
+    pub fn rejected(client_msg_id: u64, code: pb::ErrorCode, reason: impl Into<String>) -> Body {
         Body::SendResult(pb::SendResult {
             client_msg_id,
             status: pb::SendStatus::Rejected as i32,
             reason: reason.into(),
-            seq: 0,
+            code: code as i32,
+            ..Default::default()
+        })
+    }
+
+    /// A temporary refusal: send the same message (same id) again after
+    /// `retry_after`.
+    pub fn retry_later(
+        client_msg_id: u64,
+        code: pb::ErrorCode,
+        reason: impl Into<String>,
+        retry_after: std::time::Duration,
+    ) -> Body {
+        Body::SendResult(pb::SendResult {
+            client_msg_id,
+            status: pb::SendStatus::Rejected as i32,
+            reason: reason.into(),
+            code: code as i32,
+            retry_after_ms: retry_after.as_millis().clamp(1, u32::MAX as u128) as u32,
+            ..Default::default()
         })
     }
 }

@@ -39,9 +39,34 @@ pub fn mint(secret: &[u8], user: UserId, expires_unix_s: u64) -> String {
     format!("{payload}.{sig}")
 }
 
+/// Longest token accepted: a canonical one is at most 113 bytes.
+pub const TOKEN_BYTES_MAX: usize = 256;
+
 /// Checks a token's signature (in constant time) and expiry against
-/// `now_unix_s`; returns the user it names.
+/// `now_unix_s`; returns the user it names. Only the canonical form that
+/// [`mint`] writes is accepted: decimal numbers without sign or leading
+/// zeros, a lowercase hex signature of 64 digits. So one user and expiry
+/// have exactly one token string, whatever the signer's parser would take.
 pub fn verify(secret: &[u8], token: &str, now_unix_s: u64) -> Result<UserId, TokenError> {
+    check(secret, token, now_unix_s, true)
+}
+
+/// [`verify`] as it was before it insisted on the canonical form: `+ID`,
+/// `000ID` and an uppercase signature were the same user. Kept only for
+/// the server's `lenient_tokens` bug switch (a regression test).
+pub fn verify_lenient(secret: &[u8], token: &str, now_unix_s: u64) -> Result<UserId, TokenError> {
+    check(secret, token, now_unix_s, false)
+}
+
+fn check(
+    secret: &[u8],
+    token: &str,
+    now_unix_s: u64,
+    canonical: bool,
+) -> Result<UserId, TokenError> {
+    if token.len() > TOKEN_BYTES_MAX {
+        return Err(TokenError::Malformed);
+    }
     let (payload, sig) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
     let mut parts = payload.split('.');
     let (Some("v1"), Some(user), Some(expires), None) =
@@ -49,8 +74,20 @@ pub fn verify(secret: &[u8], token: &str, now_unix_s: u64) -> Result<UserId, Tok
     else {
         return Err(TokenError::Malformed);
     };
-    let user: u64 = user.parse().map_err(|_| TokenError::Malformed)?;
-    let expires: u64 = expires.parse().map_err(|_| TokenError::Malformed)?;
+    let number = |text: &str| -> Result<u64, TokenError> {
+        let n: u64 = text.parse().map_err(|_| TokenError::Malformed)?;
+        if canonical && n.to_string() != text {
+            return Err(TokenError::Malformed);
+        }
+        Ok(n)
+    };
+    let user = number(user)?;
+    let expires = number(expires)?;
+    if canonical
+        && (sig.len() != 64 || sig.bytes().any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    {
+        return Err(TokenError::Malformed);
+    }
     let sig = hex::decode(sig).map_err(|_| TokenError::Malformed)?;
     mac(secret, payload)
         .verify_slice(&sig)
@@ -111,5 +148,36 @@ mod tests {
         ] {
             assert_eq!(verify(b"k", t, 0), Err(TokenError::Malformed), "{t:?}");
         }
+    }
+
+    /// Signs a payload as the auth service would, whatever its form.
+    fn signed(secret: &[u8], payload: &str) -> String {
+        let sig = hex::encode(mac(secret, payload).finalize().into_bytes());
+        format!("{payload}.{sig}")
+    }
+
+    #[test]
+    fn only_the_canonical_form_of_a_token_is_accepted() {
+        let canonical = mint(b"k", UserId(1001), 2_000);
+        assert_eq!(verify(b"k", &canonical, 1_000), Ok(UserId(1001)));
+        let upper = {
+            let (payload, sig) = canonical.rsplit_once('.').unwrap();
+            format!("{payload}.{}", sig.to_uppercase())
+        };
+        for t in [
+            signed(b"k", "v1.+1001.2000"),
+            signed(b"k", "v1.0001001.2000"),
+            signed(b"k", "v1.1001.02000"),
+            upper,
+        ] {
+            assert_eq!(verify(b"k", &t, 1_000), Err(TokenError::Malformed), "{t}");
+            assert_eq!(
+                verify_lenient(b"k", &t, 1_000),
+                Ok(UserId(1001)),
+                "the lenient parser (the bug) took {t}"
+            );
+        }
+        let long = format!("{canonical}{}", "0".repeat(TOKEN_BYTES_MAX));
+        assert_eq!(verify(b"k", &long, 1_000), Err(TokenError::Malformed));
     }
 }

@@ -158,10 +158,55 @@ pub enum Bug {
     /// inserted in the next, so two sessions storing for one user can land
     /// out of order and a pump that read in between skips the late one.
     SeqTakenBeforeStore,
+    /// Hardened: a reply to the client's own request (SendResult,
+    /// heartbeat answer, LoginOk, an ack's error) is dropped when the
+    /// connection's outbound queue is full, instead of waiting for room
+    /// (or closing the connection when none comes).
+    RepliesDroppedWhenQueueFull,
+    /// Hardened: the inbox keeps a fixed window of messages, trimmed oldest
+    /// first whether or not any device has them, so "sent" can be taken
+    /// back in silence; there is no backlog limit.
+    InboxTrimsUndelivered,
+    /// Hardened: dedup knows only (sender, id): a reused id with another
+    /// text is answered "sent" and dropped, and id 0 is accepted.
+    DedupByIdOnly,
+    /// `im-server`: SIGTERM kills the process (no drain, leases left), as
+    /// the binary did before it handled the signal.
+    SigtermKills,
+    /// A connection's read buffer keeps the allocation of the largest
+    /// frame it ever read, and its write buffer that of the largest burst
+    /// it wrote (tungstenite's behaviour before our patches).
+    BuffersKeepLargeFrames,
+    /// Hardened: any id is a recipient, and a user's keys never expire, so
+    /// sends to made-up ids grow Redis without bound.
+    UnknownRecipientsStored,
+    /// Hardened: device ids and texts have no limit below the frame size.
+    UnlimitedStrings,
+    /// Hardened: `+ID`, `000ID` and an uppercase signature are the same
+    /// token as the canonical one.
+    LenientTokens,
+    /// Hardened: a Redis connection loss is noticed only by the next
+    /// command (the pub/sub connection stays dead until then), a failed
+    /// inbox read waits for the next poll, and a command that fails on an
+    /// old connection also discards its replacement.
+    SlowRedisRecovery,
+    /// Hardened: each login and logout subscribes or unsubscribes the
+    /// user's bell itself, deciding before its Redis round trip; a logout
+    /// and a login of one user crossing on a node leave it unsubscribed.
+    SubscriptionRace,
+    /// Hardened: a supersede names only the new connection, and every
+    /// other connection of the device is closed, older or newer.
+    UnorderedSupersede,
+    /// Hardened: a lease refresh is a plain ZADD, so one delayed in a slow
+    /// Redis can run after the logout's removal and bring the lease back.
+    StaleRefreshResurrects,
+    /// Hardened: a connection learns it was superseded only from the
+    /// doorbell; when pub/sub loses it, nothing repairs it.
+    NoSupersedeRepair,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 11] = [
+    pub const ALL: [Bug; 24] = [
         Bug::Phase1Cleanup,
         Bug::Phase3CleanupByUser,
         Bug::SentBeforeStored,
@@ -173,6 +218,19 @@ impl Bug {
         Bug::SeqRestartsFromZero,
         Bug::NoDoorbells,
         Bug::SeqTakenBeforeStore,
+        Bug::RepliesDroppedWhenQueueFull,
+        Bug::InboxTrimsUndelivered,
+        Bug::DedupByIdOnly,
+        Bug::SigtermKills,
+        Bug::BuffersKeepLargeFrames,
+        Bug::UnknownRecipientsStored,
+        Bug::UnlimitedStrings,
+        Bug::LenientTokens,
+        Bug::SlowRedisRecovery,
+        Bug::SubscriptionRace,
+        Bug::UnorderedSupersede,
+        Bug::StaleRefreshResurrects,
+        Bug::NoSupersedeRepair,
     ];
 
     pub fn name(self) -> &'static str {
@@ -188,6 +246,37 @@ impl Bug {
             Bug::SeqRestartsFromZero => "seq_restarts_from_zero",
             Bug::NoDoorbells => "no_doorbells",
             Bug::SeqTakenBeforeStore => "seq_taken_before_store",
+            Bug::RepliesDroppedWhenQueueFull => "replies_dropped_when_queue_full",
+            Bug::InboxTrimsUndelivered => "inbox_trims_undelivered",
+            Bug::DedupByIdOnly => "dedup_by_id_only",
+            Bug::SigtermKills => "sigterm_kills",
+            Bug::BuffersKeepLargeFrames => "buffers_keep_large_frames",
+            Bug::UnknownRecipientsStored => "unknown_recipients_stored",
+            Bug::UnlimitedStrings => "unlimited_strings",
+            Bug::LenientTokens => "lenient_tokens",
+            Bug::SlowRedisRecovery => "slow_redis_recovery",
+            Bug::SubscriptionRace => "subscription_race",
+            Bug::UnorderedSupersede => "unordered_supersede",
+            Bug::StaleRefreshResurrects => "stale_refresh_resurrects",
+            Bug::NoSupersedeRepair => "no_supersede_repair",
+        }
+    }
+
+    /// The live test (in `server/tests/it/`) that guards a bug the
+    /// simulation cannot express (a process signal, allocator memory,
+    /// keys in a real Redis); `None` for bugs a scenario guards.
+    pub fn live_guard(self) -> Option<&'static str> {
+        match self {
+            Bug::SigtermKills => Some("signals::sigterm_drains_connections_and_releases_leases"),
+            Bug::BuffersKeepLargeFrames => {
+                Some("memory::an_idle_connection_stays_small_after_a_large_frame")
+            }
+            Bug::UnknownRecipientsStored => {
+                Some("hostile::sends_to_made_up_recipients_store_nothing")
+            }
+            Bug::UnlimitedStrings => Some("hostile::a_long_device_id_is_refused"),
+            Bug::LenientTokens => Some("hostile::only_the_canonical_token_logs_in"),
+            _ => None,
         }
     }
 }
@@ -280,13 +369,36 @@ pub struct Hardened {
     /// A presence lease lives this long unless refreshed; a crashed node's
     /// users go offline by themselves within it.
     pub lease_ttl: Duration,
-    /// Messages kept per inbox; older ones are dropped (oldest first) and a
-    /// device resuming from before the window gets what is left.
-    pub inbox_len_max: u64,
+    /// Messages some device of the recipient has acknowledged that the
+    /// inbox keeps for the user's other devices (oldest trimmed first).
+    pub inbox_history_max: u64,
+    /// Messages no device of the recipient has acknowledged yet: one more
+    /// is refused as INBOX_FULL (retry later), never trimmed.
+    pub inbox_backlog_max: u64,
     /// Inbox messages read per Redis round trip.
     pub inbox_page_len: usize,
     /// How long a (sender, client_msg_id) is remembered for dedup.
     pub dedup_ttl: Duration,
+    /// A user's keys (the user record, inbox, counter) expire when the user
+    /// neither logs in nor receives a message for this long; a message
+    /// waits at most this long for a recipient who never comes back.
+    pub retention: Duration,
+    /// Acknowledgements are written to Redis once this many have come in
+    /// since the last write (and at every heartbeat and at logout).
+    pub ack_write_every: u64,
+    /// The largest chat text, in bytes.
+    pub text_bytes_max: usize,
+    /// The longest device id, in bytes.
+    pub device_id_bytes_max: usize,
+    /// How often each node PINGs Redis on its connection: a connection
+    /// that died in silence (a black-holed path never sends FIN) is found
+    /// within this plus the command timeout, and redialed with its
+    /// subscriptions, rather than at the next command that happens to run.
+    pub redis_ping_interval: Duration,
+    /// What a send refused for want of Redis asks the client to wait.
+    pub retry_after_unavailable: Duration,
+    /// What a send refused for a full inbox asks the client to wait.
+    pub retry_after_inbox_full: Duration,
 }
 
 impl Default for Hardened {
@@ -295,9 +407,17 @@ impl Default for Hardened {
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(25),
             lease_ttl: Duration::from_secs(30),
-            inbox_len_max: 1000,
+            inbox_history_max: 1000,
+            inbox_backlog_max: 1000,
             inbox_page_len: 100,
             dedup_ttl: Duration::from_secs(24 * 3600),
+            retention: Duration::from_secs(30 * 24 * 3600),
+            ack_write_every: 32,
+            redis_ping_interval: Duration::from_secs(2),
+            text_bytes_max: 4096,
+            device_id_bytes_max: 64,
+            retry_after_unavailable: Duration::from_secs(1),
+            retry_after_inbox_full: Duration::from_secs(5),
         }
     }
 }

@@ -27,7 +27,7 @@ pub fn background(server: &Server) -> Option<impl Future<Output = ()> + Send + '
     shared
         .hardened
         .clone()
-        .map(|node| hardened::doorbells(shared, node))
+        .map(|node| hardened::pubsub(shared, node))
 }
 
 /// Tells every connection the node is shutting down, as [`Server::run`]

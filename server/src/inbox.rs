@@ -6,45 +6,22 @@
 //! number, a colon, then the encoded envelope whose `Deliver.seq` is left 0
 //! (the number is only known inside Redis). [`entry`] puts the two together.
 //!
-//! [`STORE_SCRIPT`] stores a message in one atomic step: the dedup lookup,
-//! a fresh sequence number, the inbox entry, the trim and the dedup record.
-//! Numbering and inserting together is what keeps the inbox in sequence
-//! order at every instant: a reader that has seen number `n` can never
-//! later find a smaller number appear (two sessions storing for one user
-//! used to take numbers in one round trip and insert in the next, and a
-//! pump that read between them skipped the late one forever; the
-//! `seq_taken_before_store` bug switch brings that back).
+//! [`crate::scripts::STORE`] stores a message in one atomic step: the
+//! dedup lookup, the recipient check, the backlog limit, a fresh sequence
+//! number, the inbox entry, the trim and the dedup record. Numbering and
+//! inserting together is what keeps the inbox in sequence order at every
+//! instant: a reader that has seen number `n` can never later find a
+//! smaller number appear (two sessions storing for one user used to take
+//! numbers in one round trip and insert in the next, and a pump that read
+//! between them skipped the late one forever; the `seq_taken_before_store`
+//! bug switch brings that back).
 
 use im_proto::pb;
 use im_proto::{Body, DecodeError};
 use prost::Message as _;
 
-/// Stores one message. Keys: the user's `seq`, `inbox` and this message's
-/// `dedup` record. Arguments: the counter's start (`SET NX`, see the
-/// server's `seq_start`), the encoded envelope, the trim stop rank
-/// (`-(cap + 1)`), the dedup lifetime in ms, and `1` to consult the dedup
-/// record (`0` is the `no_dedup` bug). Answers `{1, seq}` when stored and
-/// `{0, seq}` for a duplicate, `seq` a decimal string.
-///
-/// The number is read back with GET rather than taken from INCR's reply:
-/// Redis converts Lua numbers to strings with 14 significant digits, and
-/// sequence numbers have 16.
-pub const STORE_SCRIPT: &str = r"
-if ARGV[5] == '1' then
-  local seen = redis.call('GET', KEYS[3])
-  if seen then return {0, seen} end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
-redis.call('INCR', KEYS[1])
-local seq = redis.call('GET', KEYS[1])
-redis.call('ZADD', KEYS[2], seq, seq .. ':' .. ARGV[2])
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, ARGV[3])
-redis.call('SET', KEYS[3], seq, 'PX', ARGV[4])
-return {1, seq}
-";
-
 /// The inbox member for `envelope` (a Deliver whose seq is 0) at `seq`:
-/// what [`STORE_SCRIPT`] writes.
+/// what [`crate::scripts::STORE`] writes.
 pub fn member(seq: u64, envelope: &[u8]) -> Vec<u8> {
     let mut out = format!("{seq}:").into_bytes();
     out.extend_from_slice(envelope);
@@ -62,8 +39,8 @@ pub enum EntryError {
     NotDeliver,
 }
 
-/// Reads an inbox member back: the Deliver with its sequence number set.
-pub fn entry(member: &[u8]) -> Result<pb::Deliver, EntryError> {
+/// The sequence number of an inbox member, and where its envelope starts.
+fn split(member: &[u8]) -> Result<(u64, &[u8]), EntryError> {
     let colon = member
         .iter()
         .position(|&b| b == b':')
@@ -72,7 +49,18 @@ pub fn entry(member: &[u8]) -> Result<pb::Deliver, EntryError> {
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
         .ok_or(EntryError::NoSeq)?;
-    match im_proto::decode(&member[colon + 1..])? {
+    Ok((seq, &member[colon + 1..]))
+}
+
+/// The sequence number of an inbox member, without decoding it.
+pub fn entry_seq(member: &[u8]) -> Result<u64, EntryError> {
+    split(member).map(|(seq, _)| seq)
+}
+
+/// Reads an inbox member back: the Deliver with its sequence number set.
+pub fn entry(member: &[u8]) -> Result<pb::Deliver, EntryError> {
+    let (seq, envelope) = split(member)?;
+    match im_proto::decode(envelope)? {
         Body::Deliver(mut d) => {
             d.seq = seq;
             Ok(d)

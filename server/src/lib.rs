@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod presence;
 pub mod redis_link;
 pub mod registry;
+pub mod scripts;
 pub mod session;
 pub mod testing;
 
@@ -38,6 +39,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use im_proto::UserId;
+use im_proto::pb::ErrorCode;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
@@ -76,7 +78,9 @@ impl Server {
     pub fn new(config: Config, redis: RedisLink) -> Server {
         let (stop, stop_rx) = watch::channel(false);
         let (redis, hardened) = if config.switches().hardened {
-            let (redis, pushes) = redis.with_pushes(1024);
+            let (redis, pushes) = redis
+                .discarding_any_connection(config.has(Bug::SlowRedisRecovery))
+                .with_pushes(1024);
             let node = hardened::Node::new((config.clock)(), pushes);
             (redis, Some(Arc::new(node)))
         } else {
@@ -109,14 +113,18 @@ impl Server {
     }
 
     /// Accepts connections until `shutdown` resolves, then closes every
-    /// connection with 1001 (going away), runs their cleanup and returns.
+    /// connection (hardened: 1012, service restart, "reconnect elsewhere";
+    /// the seed's phases: 1001, going away), runs their cleanup and
+    /// returns, within `Limits::shutdown_grace` plus one Redis round trip:
+    /// connections still open after the grace are dropped, and the leases
+    /// they held are released for them.
     pub async fn run<L: Listener>(self, mut listener: L, shutdown: impl Future<Output = ()>) {
         let shared = self.shared;
         tracing::info!(node = %shared.config.node, profile = %shared.config.profile, "server started");
-        let doorbells = shared
+        let pubsub = shared
             .hardened
             .clone()
-            .map(|node| tokio::spawn(hardened::doorbells(shared.clone(), node)));
+            .map(|node| tokio::spawn(hardened::pubsub(shared.clone(), node)));
         let mut sessions = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -152,7 +160,10 @@ impl Server {
             );
             sessions.shutdown().await;
         }
-        if let Some(task) = doorbells {
+        if let Some(node) = &shared.hardened {
+            hardened::release_leftovers(&shared, node).await;
+        }
+        if let Some(task) = pubsub {
             task.abort();
         }
         tracing::info!("server stopped");
@@ -220,7 +231,8 @@ impl Shared {
 
     /// The seed's push flow: is the user online in Redis? Is the connection
     /// in the local map? Write the frame. `Ok` is the seed's "sent".
-    async fn push(&self, to: UserId, deliver: Message) -> Result<(), String> {
+    async fn push(&self, to: UserId, deliver: Message) -> Result<(), (ErrorCode, String)> {
+        let offline = |reason: String| (ErrorCode::RecipientOffline, reason);
         let switches = self.config.switches();
         tracing::debug!(to = to.0, "push: checking online_users");
         match self.presence().is_online(to).await {
@@ -228,12 +240,12 @@ impl Shared {
             Ok(false) => {
                 tracing::info!(to = to.0, "push: user offline");
                 metrics::push("offline");
-                return Err(format!("user {to} is offline"));
+                return Err(offline(format!("user {to} is offline")));
             }
             Err(e) => {
                 tracing::error!(to = to.0, error = %e, "push: presence check failed");
                 metrics::push("failed");
-                return Err(format!("presence unavailable: {e}"));
+                return Err((ErrorCode::Unavailable, format!("presence unavailable: {e}")));
             }
         }
         let Some(conn) = self.registry.get(to) else {
@@ -253,7 +265,7 @@ impl Shared {
             tracing::warn!(to = to.0, conn_id = conn.conn_id.0, error = %e, "push: ping probe failed; removing the connection");
             self.remove_websocket_connection(to).await;
             metrics::push("failed");
-            return Err(format!("connection to {to} is dead: {e}"));
+            return Err(offline(format!("connection to {to} is dead: {e}")));
         }
         match conn.write(deliver).await {
             Ok(()) => {
@@ -267,7 +279,7 @@ impl Shared {
                     self.remove_websocket_connection(to).await;
                 }
                 metrics::push("failed");
-                Err(format!("push to {to} failed: {e}"))
+                Err(offline(format!("push to {to} failed: {e}")))
             }
         }
     }

@@ -51,6 +51,13 @@ struct Args {
         default_value_t = im_server::Limits::default().read_buffer_bytes as u64,
     )]
     read_buffer_bytes: u64,
+    /// Time connections get to close on SIGTERM or SIGINT before they are
+    /// dropped (their leases are released either way).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    drain_timeout: Duration,
+    /// Switch a historical bug back on (regression tests only).
+    #[arg(long = "bug", hide = true)]
+    bugs: Vec<im_server::Bug>,
 }
 
 #[tokio::main]
@@ -83,6 +90,9 @@ async fn main() -> anyhow::Result<()> {
     config.limits.connections_max = args.max_connections;
     config.limits.read_idle_timeout = args.idle_timeout;
     config.limits.read_buffer_bytes = args.read_buffer_bytes as usize;
+    config.limits.shutdown_grace = args.drain_timeout;
+    config.bugs = args.bugs.iter().copied().collect();
+    let sigterm_drains = !config.has(im_server::Bug::SigtermKills);
     let redis = RedisLink::new(
         im_server::tcp_connector(addr),
         info.redis_settings().clone(),
@@ -96,10 +106,35 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "listening on /ws");
-    im_server::run(listener, redis, config, async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("Ctrl-C: shutting down gracefully");
-    })
-    .await;
+    // What systemd, `docker stop` and Kubernetes send (SIGTERM) and Ctrl-C
+    // (SIGINT) both drain: every connection is told to reconnect elsewhere
+    // (1012 hardened, 1001 the seed's phases), leases are released, and the
+    // process exits 0 within the drain timeout plus a Redis round trip.
+    // (The `sigterm_kills` bug installs no SIGTERM handler: the default
+    // action, death on the spot, as before the binary handled it.)
+    let sigterm = if sigterm_drains {
+        Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?,
+        )
+    } else {
+        None
+    };
+    let signal = async move {
+        let term = async {
+            match sigterm {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+            _ = term => tracing::info!("SIGTERM: draining"),
+        }
+    };
+    im_server::run(listener, redis, config, signal).await;
+    tracing::info!("drained; exiting");
     Ok(())
 }

@@ -11,6 +11,12 @@ pub const CONNECTIONS_LIVE: &str = "im_connections_live";
 pub const PUSHES: &str = "im_pushes_total";
 /// Presence writes by operation and outcome.
 pub const PRESENCE_WRITES: &str = "im_presence_writes_total";
+/// Hardened sends by what the store did (`result` = stored, retry,
+/// id_reused, unknown_recipient, inbox_full).
+pub const SENDS: &str = "im_sends_total";
+/// Bytes of envelopes stored in inboxes (hardened): what the messages
+/// themselves add to Redis, before its per-key overhead.
+pub const STORED_BYTES: &str = "im_inbox_stored_bytes_total";
 /// Resident memory of the process, in bytes.
 pub const MEMORY: &str = "process_resident_memory_bytes";
 
@@ -31,6 +37,22 @@ pub fn presence_write(op: &'static str, ok: bool) {
     metrics::counter!(PRESENCE_WRITES, "op" => op, "outcome" => outcome).increment(1);
 }
 
+/// The store script's status (see `scripts::STORE`).
+pub fn store(status: u8) {
+    let result = match status {
+        1 => "stored",
+        0 => "retry",
+        2 => "id_reused",
+        3 => "unknown_recipient",
+        _ => "inbox_full",
+    };
+    metrics::counter!(SENDS, "result" => result).increment(1);
+}
+
+pub fn stored_bytes(n: usize) {
+    metrics::counter!(STORED_BYTES).increment(n as u64);
+}
+
 /// Serves `/metrics` on `addr` and samples process memory every 5 s.
 /// Call once per process (the binary does); must run inside tokio.
 pub fn install_prometheus(addr: SocketAddr) -> anyhow::Result<()> {
@@ -40,6 +62,12 @@ pub fn install_prometheus(addr: SocketAddr) -> anyhow::Result<()> {
     metrics::describe_gauge!(CONNECTIONS_LIVE, "live WebSocket connections on this node");
     metrics::describe_counter!(PUSHES, "pushes to recipients, by result");
     metrics::describe_counter!(PRESENCE_WRITES, "writes to presence in Redis");
+    metrics::describe_counter!(SENDS, "hardened sends, by what the store did");
+    metrics::describe_counter!(
+        STORED_BYTES,
+        metrics::Unit::Bytes,
+        "envelope bytes stored in inboxes"
+    );
     metrics::describe_gauge!(MEMORY, metrics::Unit::Bytes, "resident set size");
     tokio::spawn(async {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));

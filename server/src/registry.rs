@@ -145,12 +145,23 @@ impl ConnHandle {
     /// Queues a frame, waiting for room while the queue is full; a queue
     /// that stays full for the write timeout is a slow consumer
     /// ([`WriteError::QueueFull`]). For backlogs larger than the queue.
+    /// A close requested meanwhile ends the wait ([`WriteError::Closed`]).
     pub async fn write_when_room(&self, msg: Message) -> Result<(), WriteError> {
         let out = Box::new(Outbound { msg, done: None });
-        match tokio::time::timeout(self.write_timeout, self.outbound.send(out)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(WriteError::Closed),
-            Err(_) => Err(WriteError::QueueFull),
+        // Room at once is the common case; skip the timer then.
+        let out = match self.outbound.try_send(out) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(WriteError::Closed),
+            Err(mpsc::error::TrySendError::Full(out)) => out,
+        };
+        tokio::select! {
+            biased;
+            _ = self.closing.requested() => Err(WriteError::Closed),
+            sent = tokio::time::timeout(self.write_timeout, self.outbound.send(out)) => match sent {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(WriteError::Closed),
+                Err(_) => Err(WriteError::QueueFull),
+            },
         }
     }
 

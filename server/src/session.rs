@@ -11,6 +11,7 @@ use im_proto::pb::{self, ErrorCode};
 use im_proto::{Body, ConnId, DecodeError, UserId, msg};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -29,7 +30,13 @@ pub enum EndCause {
     ClientClosed,
     ConnectionLost(String),
     IdleTimeout,
-    WriteFailed,
+    /// A socket write failed, or made no progress for the write timeout
+    /// (a peer that reads nothing: no frame, not even a close frame, can
+    /// reach it, so the socket is dropped).
+    WriteFailed(WriteError),
+    /// A reply to the client's own request found no room in the outbound
+    /// queue for the write timeout: closed with 4002.
+    SlowConsumer,
     Kicked,
     Shutdown,
     Refused(CloseCode, String),
@@ -47,7 +54,12 @@ pub(crate) async fn serve<S: Stream>(shared: Arc<Shared>, stream: S, peer: Strin
             WRITE_BUFFER_BYTES + limits.frame_bytes_max.max(limits.message_bytes_max) * 4,
         )
         .max_frame_size(Some(limits.frame_bytes_max))
-        .max_message_size(Some(limits.message_bytes_max));
+        .max_message_size(Some(limits.message_bytes_max))
+        // Our tungstenite patch (server/vendor/PATCHES.md): a large frame's
+        // allocation leaves with the frame instead of staying as the read
+        // buffer, so an idle connection stays small whatever it read.
+        .release_large_read_buffer(!shared.config.has(Bug::BuffersKeepLargeFrames))
+        .release_large_write_buffer(!shared.config.has(Bug::BuffersKeepLargeFrames));
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_path, Some(ws_config));
     // Boxed here and below: a future's size is that of its largest await,
@@ -68,8 +80,12 @@ pub(crate) async fn serve<S: Stream>(shared: Arc<Shared>, stream: S, peer: Strin
     let Ok(_permit) = shared.connection_slots.clone().try_acquire_owned() else {
         tracing::warn!(%peer, max = limits.connections_max, "connection limit reached");
         let mut ws = ws;
-        let frame = close_frame(CloseCode::Again, "connection limit reached");
-        let _ = tokio::time::timeout(limits.write_timeout, ws.close(Some(frame))).await;
+        let detail = "connection limit reached; try again later";
+        let refuse = async {
+            ws.feed(frame(msg::error(ErrorCode::Limit, detail))).await?;
+            ws.close(Some(close_frame(CloseCode::Again, detail))).await
+        };
+        let _ = tokio::time::timeout(limits.write_timeout, refuse).await;
         return;
     };
     let conn_id = ConnId(
@@ -180,7 +196,13 @@ impl Session {
                     session.handle.close(Closing::Frame(frame));
                     break EndCause::Shutdown;
                 }
-                _ = &mut writer => break EndCause::WriteFailed,
+                failed = &mut writer => {
+                    let error = failed.ok().flatten().unwrap_or(WriteError::Closed);
+                    if error == WriteError::Timeout {
+                        tracing::warn!("slow consumer: the peer read nothing for the write timeout; dropping the connection");
+                    }
+                    break EndCause::WriteFailed(error);
+                }
                 _ = heartbeat.tick(), if session.attached.is_some() => {
                     Box::pin(session.heartbeat()).await;
                     continue;
@@ -219,6 +241,19 @@ impl Session {
         tracing::info!(?cause, "connection ended");
         // Make sure the writer ends (it flushes a queued close frame first).
         session.handle.close(Closing::Drop);
+        // Hardened: presence first (a drain must release every lease within
+        // its grace period, however slowly the socket takes its close).
+        if let Some(attached) = session.attached.take()
+            && let Some(node) = &session.shared.hardened
+        {
+            Box::pin(crate::hardened::logout(
+                &session.shared,
+                node,
+                session.conn_id,
+                attached,
+            ))
+            .await;
+        }
         // A JoinHandle must not be polled again once it has completed (the
         // loop above may have seen it end).
         if !writer.is_finished()
@@ -228,17 +263,7 @@ impl Session {
         {
             writer.abort();
         }
-        if let Some(attached) = session.attached.take() {
-            if let Some(node) = &session.shared.hardened {
-                Box::pin(crate::hardened::logout(
-                    &session.shared,
-                    node,
-                    session.conn_id,
-                    attached,
-                ))
-                .await;
-            }
-        } else if let Some(user) = session.user {
+        if !hardened && let Some(user) = session.user {
             Box::pin(session.shared.remove_websocket_connection(user)).await;
         }
     }
@@ -265,6 +290,9 @@ impl Session {
             ),
             // tungstenite answers Pings by itself; Pongs need nothing.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Step::Continue,
+            // A close frame with a code a peer may not send was already
+            // answered by tungstenite with 1002; a closing peer can take no
+            // Error envelope.
             Message::Close(_) => Step::End(EndCause::ClientClosed),
         }
     }
@@ -275,6 +303,12 @@ impl Session {
                 CloseCode::Size,
                 ErrorCode::Limit,
                 &format!("too large: {e}"),
+            ),
+            // A peer that went away without a close handshake (a killed
+            // app, a reset connection) is the end of a connection, not
+            // hostile input: nothing can be written to it any more.
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Step::End(
+                EndCause::ConnectionLost("reset without a closing handshake".into()),
             ),
             WsError::Protocol(e) => self.refuse(
                 CloseCode::Protocol,
@@ -298,6 +332,35 @@ impl Session {
         Step::End(EndCause::Refused(code, detail.to_owned()))
     }
 
+    /// Queues the answer to one of the client's requests. An answer is
+    /// never dropped: it waits for room in the outbound queue for up to the
+    /// write timeout, and when none comes the connection is closed as a
+    /// slow consumer (4002); the client resumes and resends, and dedup
+    /// makes the resend safe.
+    async fn reply(&mut self, body: Body) -> Step {
+        if self.shared.config.has(Bug::RepliesDroppedWhenQueueFull) {
+            if let Err(e) = self.handle.write_nowait(frame(body)) {
+                tracing::warn!(error = %e, "could not queue a reply; dropped");
+            }
+            return Step::Continue;
+        }
+        match Box::pin(self.handle.write_when_room(frame(body))).await {
+            Ok(()) => Step::Continue,
+            Err(WriteError::QueueFull) => {
+                tracing::warn!(
+                    "slow consumer: no room for a reply within the write timeout; closing"
+                );
+                self.handle.close(crate::hardened::close(
+                    im_proto::close_code::SLOW_CONSUMER,
+                    "slow consumer: no room for a reply",
+                ));
+                Step::End(EndCause::SlowConsumer)
+            }
+            // Closing anyway: the loop sees why at its next turn.
+            Err(_) => Step::Continue,
+        }
+    }
+
     async fn on_body(&mut self, body: Body) -> Step {
         match (self.user, body) {
             (None, Body::Login(login)) => self.login(login).await,
@@ -306,13 +369,10 @@ impl Session {
             }
             (None, _) => self.refuse(CloseCode::Policy, ErrorCode::NotLoggedIn, "log in first"),
             (Some(from), Body::Send(send)) => {
-                self.send(from, send).await;
-                Step::Continue
+                let answer = self.send(from, send).await;
+                self.reply(answer).await
             }
-            (Some(_), Body::Ack(ack)) => {
-                self.ack(ack);
-                Step::Continue
-            }
+            (Some(_), Body::Ack(ack)) => self.ack(ack).await,
             (Some(_), Body::Heartbeat(hb)) => {
                 // The seed's system had no heartbeats; hardened answers them.
                 if self.attached.is_some() && !hb.reply {
@@ -320,7 +380,7 @@ impl Session {
                         nonce: hb.nonce,
                         reply: true,
                     });
-                    let _ = self.handle.write_nowait(frame(answer));
+                    return self.reply(answer).await;
                 }
                 Step::Continue
             }
@@ -351,8 +411,7 @@ impl Session {
                     self.user = Some(attached.user);
                     self.handle = self.handle.clone().for_user(attached.user);
                     self.attached = Some(attached);
-                    let _ = self.handle.write_nowait(frame(Body::LoginOk(ok)));
-                    Step::Continue
+                    self.reply(Body::LoginOk(ok)).await
                 }
                 Err((error, close, detail)) => self.refuse(close, error, &detail),
             };
@@ -376,59 +435,97 @@ impl Session {
             user_id: user.0,
             ..Default::default()
         });
-        let _ = self.handle.write_nowait(frame(ok));
-        Step::Continue
+        self.reply(ok).await
     }
 
-    async fn send(&mut self, from: UserId, send: pb::Send) {
+    /// Handles one Send; returns the answer for the sender.
+    async fn send(&mut self, from: UserId, send: pb::Send) -> Body {
         let id = send.client_msg_id;
-        let reply = if send.to_user_id == 0 {
-            msg::rejected(id, "unknown recipient 0")
-        } else if let Some(node) = &self.shared.hardened {
-            match crate::hardened::store(&self.shared, node, from, &send).await {
-                Ok(seq) => msg::accepted(id, seq),
-                Err(_) if self.shared.config.has(Bug::SentBeforeStored) => msg::accepted(id, 0),
-                Err(e) => msg::rejected(id, format!("unavailable, retry: {e}")),
-            }
-        } else {
-            let deliver = Body::Deliver(pb::Deliver {
-                from_user_id: from.0,
-                text: send.text,
-                client_msg_id: id,
-                seq: 0,
-            });
-            match self
-                .shared
-                .push(UserId(send.to_user_id), frame(deliver))
-                .await
-            {
-                Ok(()) => msg::accepted(id, 0),
-                Err(reason) => msg::rejected(id, reason),
-            }
-        };
-        if let Err(e) = self.handle.write_nowait(frame(reply)) {
-            tracing::warn!(error = %e, "could not queue the send result for the sender");
+        if send.to_user_id == 0 {
+            return msg::rejected(id, ErrorCode::UnknownRecipient, "unknown recipient 0");
+        }
+        if let Some(node) = self.shared.hardened.clone() {
+            return self.store(&node, from, send).await;
+        }
+        let deliver = Body::Deliver(pb::Deliver {
+            from_user_id: from.0,
+            text: send.text,
+            client_msg_id: id,
+            seq: 0,
+        });
+        match self
+            .shared
+            .push(UserId(send.to_user_id), frame(deliver))
+            .await
+        {
+            Ok(()) => msg::accepted(id, 0),
+            Err((code, reason)) => msg::rejected(id, code, reason),
         }
     }
-}
 
-impl Session {
-    /// Hardened: an acknowledgement must name something already pushed.
-    fn ack(&mut self, ack: pb::Ack) {
-        let Some(attached) = &self.attached else {
-            return;
+    /// Hardened: "sent" is "stored"; anything else is a refusal that says
+    /// whether to retry.
+    async fn store(&mut self, node: &crate::hardened::Node, from: UserId, send: pb::Send) -> Body {
+        use crate::hardened::Refused;
+        let cfg = &self.shared.config;
+        let h = cfg.hardened;
+        let id = send.client_msg_id;
+        if id == 0 && !cfg.has(Bug::DedupByIdOnly) {
+            return msg::rejected(id, ErrorCode::Protocol, "client_msg_id 0 is not an id");
+        }
+        if send.text.len() > h.text_bytes_max && !cfg.has(Bug::UnlimitedStrings) {
+            let reason = format!(
+                "text of {} bytes is over the limit of {}",
+                send.text.len(),
+                h.text_bytes_max
+            );
+            return msg::rejected(id, ErrorCode::Limit, reason);
+        }
+        let device = self.attached.as_ref().map_or("", |a| a.device.as_str());
+        match crate::hardened::store(&self.shared, node, from, device, &send).await {
+            Ok(seq) => msg::accepted(id, seq),
+            Err(Refused::Unavailable(_)) if cfg.has(Bug::SentBeforeStored) => msg::accepted(id, 0),
+            Err(e @ Refused::Unavailable(_)) => msg::retry_later(
+                id,
+                ErrorCode::Unavailable,
+                e.to_string(),
+                h.retry_after_unavailable,
+            ),
+            Err(e @ Refused::InboxFull(_)) => msg::retry_later(
+                id,
+                ErrorCode::InboxFull,
+                e.to_string(),
+                h.retry_after_inbox_full,
+            ),
+            Err(e @ Refused::UnknownRecipient(_)) => {
+                msg::rejected(id, ErrorCode::UnknownRecipient, e.to_string())
+            }
+            Err(e @ Refused::IdReused { .. }) => {
+                msg::rejected(id, ErrorCode::DuplicateId, e.to_string())
+            }
+        }
+    }
+
+    /// Hardened: an acknowledgement must name something already pushed;
+    /// the highest one is written to Redis now and then.
+    async fn ack(&mut self, ack: pb::Ack) -> Step {
+        let Some(attached) = &mut self.attached else {
+            return Step::Continue;
         };
         let pushed = attached.pushed.load(std::sync::atomic::Ordering::Relaxed);
         if ack.seq > pushed {
             let detail = format!("ack for seq {} but only {pushed} was sent", ack.seq);
             tracing::warn!(detail, "bogus ack");
-            let _ = self
-                .handle
-                .write_nowait(frame(msg::error(ErrorCode::BadSequence, detail)));
+            return self.reply(msg::error(ErrorCode::BadSequence, detail)).await;
         }
+        if let Err(e) = crate::hardened::ack(&self.shared, attached, ack.seq).await {
+            tracing::debug!(error = %e, "acknowledgements not written; the next ones retry");
+        }
+        Step::Continue
     }
 
-    /// Hardened: a heartbeat to the client and a lease refresh.
+    /// Hardened: a heartbeat to the client, the acknowledgements so far, and
+    /// a lease refresh (which may find this connection superseded).
     async fn heartbeat(&mut self) {
         let Some(attached) = &mut self.attached else {
             return;
@@ -438,11 +535,33 @@ impl Session {
             nonce: attached.heartbeat_nonce,
             reply: false,
         });
+        // Our own beat, not an answer: with the queue full the client is
+        // hearing from us anyway.
         let _ = self.handle.write_nowait(frame(beat));
-        if let Err(e) =
-            crate::hardened::refresh_lease(&self.shared, attached.user, &attached.key).await
-        {
-            tracing::warn!(error = %e, "lease refresh failed");
+        if let Err(e) = crate::hardened::flush_acks(&self.shared, attached).await {
+            tracing::debug!(error = %e, "acknowledgements not written; retried at the next beat");
+        }
+        let refreshed = crate::hardened::refresh_lease(
+            &self.shared,
+            attached.user,
+            &attached.key,
+            &attached.device,
+            attached.generation,
+        )
+        .await;
+        match refreshed {
+            Ok(crate::hardened::Lease::Written) => {}
+            Ok(crate::hardened::Lease::Superseded) => {
+                tracing::info!("a newer connection of this device exists; closing as superseded");
+                self.handle.close(crate::hardened::close(
+                    im_proto::close_code::SUPERSEDED,
+                    "superseded by a newer connection",
+                ));
+            }
+            Ok(crate::hardened::Lease::Released) => {
+                tracing::error!(key = attached.key, "lease found released while in use")
+            }
+            Err(e) => tracing::warn!(error = %e, "lease refresh failed"),
         }
     }
 }
@@ -466,12 +585,13 @@ const WRITE_BATCH_MAX: usize = 64;
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
 /// The only task that writes to the socket.
+/// Ends with the error that ended it, or `None` after a requested close.
 async fn writer<S: Stream>(
     mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
     mut queue: mpsc::Receiver<Queued>,
     closing: Arc<CloseSignal>,
     write_timeout: std::time::Duration,
-) {
+) -> Option<WriteError> {
     let mut batch: Vec<Message> = Vec::new();
     let mut dones = Vec::new();
     loop {
@@ -503,8 +623,8 @@ async fn writer<S: Stream>(
                 for done in dones.drain(..) {
                     let _ = done.send(result);
                 }
-                if result.is_err() {
-                    return;
+                if let Err(e) = result {
+                    return Some(e);
                 }
             }
             how = closing.requested() => {
@@ -517,7 +637,7 @@ async fn writer<S: Stream>(
                     }
                 }))
                 .await;
-                return;
+                return None;
             }
         }
     }

@@ -58,6 +58,7 @@ use im_server::{Config, Profile, RedisLink, Server};
 use serde_json::json;
 
 use crate::generate::FIRST_USER;
+use crate::generate::story_end;
 use crate::history::Event;
 use crate::invariants::Verdict;
 use crate::scenario::{
@@ -270,6 +271,7 @@ pub fn soak_scenario(users: usize, minutes: u64, seed: u64, tick: Duration) -> S
                         to: user(to),
                         text: None,
                         count: 1,
+                        id: None,
                     },
                 );
             }
@@ -277,7 +279,7 @@ pub fn soak_scenario(users: usize, minutes: u64, seed: u64, tick: Duration) -> S
         }
     }
     events.sort_by_key(|(at, n, _)| (*at, *n));
-    let steps = events
+    let steps: Vec<TimedStep> = events
         .into_iter()
         .map(|(at, _, action)| TimedStep { at, action })
         .collect();
@@ -299,7 +301,9 @@ pub fn soak_scenario(users: usize, minutes: u64, seed: u64, tick: Duration) -> S
         guards: Vec::new(),
         expect: Expect {
             violated: Vec::new(),
+            ..Expect::default()
         },
+        trailing_end: crate::generate::story_end(&steps),
         steps,
     }
 }
@@ -332,6 +336,7 @@ pub fn reconnect_scenario(seed: u64) -> Scenario {
             to,
             text: Some(text.to_owned()),
             count: 1,
+            id: None,
         },
     };
     let steps = vec![
@@ -387,7 +392,9 @@ pub fn reconnect_scenario(seed: u64) -> Scenario {
         guards: Vec::new(),
         expect: Expect {
             violated: Vec::new(),
+            ..Expect::default()
         },
+        trailing_end: story_end(&steps),
         steps,
     }
 }
@@ -675,6 +682,7 @@ async fn live_once(
                 client_msg_id,
                 accepted,
                 reason,
+                ..
             }) if *client_msg_id == two => Some(if *accepted {
                 Ok(())
             } else {

@@ -28,17 +28,94 @@ pub const FIRST_USER: u64 = 1001;
 /// One thing that happens in a generated run (users and nodes by index).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Wait { ms: u64 },
-    Send { from: usize, to: usize },
-    Disconnect { user: usize },
-    Vanish { user: usize },
-    PowerOff { user: usize },
-    Reconnect { user: usize, node: u64 },
-    PartitionRedis { node: u64 },
-    HealRedis { node: u64 },
-    Crash { node: u64 },
-    Restart { node: u64 },
-    RedisRestart { keep_data: bool },
+    Wait {
+        ms: u64,
+    },
+    Send {
+        from: usize,
+        to: usize,
+    },
+    Disconnect {
+        user: usize,
+    },
+    Vanish {
+        user: usize,
+    },
+    PowerOff {
+        user: usize,
+    },
+    Reconnect {
+        user: usize,
+        node: u64,
+    },
+    PartitionRedis {
+        node: u64,
+    },
+    HealRedis {
+        node: u64,
+    },
+    Crash {
+        node: u64,
+    },
+    Restart {
+        node: u64,
+    },
+    RedisRestart {
+        keep_data: bool,
+    },
+    /// Every Redis reply delayed this long (0: normal again).
+    RedisSlow {
+        ms: u64,
+    },
+    /// A burst of `count` messages at once.
+    Burst {
+        from: usize,
+        to: usize,
+        count: u64,
+    },
+    StopReading {
+        user: usize,
+    },
+    ResumeReading {
+        user: usize,
+    },
+    /// A dangerous window, aimed at: `user` vanishes and, `ms` later,
+    /// `from` sends to it (a push to a half-open peer).
+    SendToVanished {
+        user: usize,
+        from: usize,
+        ms: u64,
+    },
+    /// A dangerous window, aimed at: the node `user` is on is cut from
+    /// Redis and, `ms` later, `user` leaves (a cleanup that cannot reach
+    /// Redis).
+    LeaveWhileCut {
+        user: usize,
+        ms: u64,
+    },
+    /// Cuts the node `user` is on from Redis.
+    PartitionRedisUnder {
+        user: usize,
+    },
+}
+
+impl Op {
+    /// The plain ops a dangerous-window op stands for (itself otherwise).
+    fn expand(&self) -> Vec<Op> {
+        match *self {
+            Op::SendToVanished { user, from, ms } => vec![
+                Op::Vanish { user },
+                Op::Wait { ms },
+                Op::Send { from, to: user },
+            ],
+            Op::LeaveWhileCut { user, ms } => vec![
+                Op::PartitionRedisUnder { user },
+                Op::Wait { ms },
+                Op::Disconnect { user },
+            ],
+            ref other => vec![other.clone()],
+        }
+    }
 }
 
 /// A whole generated run before it becomes a scenario.
@@ -62,24 +139,35 @@ fn wait_ms() -> impl Strategy<Value = u64> {
 fn op(users: usize, nodes: u64) -> impl Strategy<Value = Op> {
     let user = 0..users;
     let node = 1..=nodes;
+    // The newer faults (a slow Redis, bursts, stalled readers) weigh
+    // half as much as the older ones, so that the older dangerous states
+    // (a push to a half-open peer above all) stay as reachable as before.
     prop_oneof![
-        4 => wait_ms().prop_map(|ms| Op::Wait { ms }),
-        5 => (user.clone(), user.clone()).prop_map(|(from, to)| Op::Send { from, to }),
-        1 => user.clone().prop_map(|user| Op::Disconnect { user }),
-        2 => user.clone().prop_map(|user| Op::Vanish { user }),
-        1 => user.clone().prop_map(|user| Op::PowerOff { user }),
-        3 => (user, node.clone()).prop_map(|(user, node)| Op::Reconnect { user, node }),
-        1 => node.clone().prop_map(|node| Op::PartitionRedis { node }),
-        1 => node.clone().prop_map(|node| Op::HealRedis { node }),
-        1 => node.clone().prop_map(|node| Op::Crash { node }),
-        1 => node.prop_map(|node| Op::Restart { node }),
-        1 => any::<bool>().prop_map(|keep_data| Op::RedisRestart { keep_data }),
+        8 => wait_ms().prop_map(|ms| Op::Wait { ms }),
+        12 => (user.clone(), user.clone()).prop_map(|(from, to)| Op::Send { from, to }),
+        2 => user.clone().prop_map(|user| Op::Disconnect { user }),
+        5 => user.clone().prop_map(|user| Op::Vanish { user }),
+        2 => user.clone().prop_map(|user| Op::PowerOff { user }),
+        6 => (user.clone(), node.clone()).prop_map(|(user, node)| Op::Reconnect { user, node }),
+        2 => node.clone().prop_map(|node| Op::PartitionRedis { node }),
+        2 => node.clone().prop_map(|node| Op::HealRedis { node }),
+        2 => node.clone().prop_map(|node| Op::Crash { node }),
+        2 => node.clone().prop_map(|node| Op::Restart { node }),
+        2 => any::<bool>().prop_map(|keep_data| Op::RedisRestart { keep_data }),
+        1 => prop_oneof![Just(0u64), 20..480u64].prop_map(|ms| Op::RedisSlow { ms }),
+        1 => (user.clone(), user.clone(), 20..400u64)
+            .prop_map(|(from, to, count)| Op::Burst { from, to, count }),
+        1 => user.clone().prop_map(|user| Op::StopReading { user }),
+        1 => user.clone().prop_map(|user| Op::ResumeReading { user }),
+        1 => (user.clone(), user.clone(), 0..40u64)
+            .prop_map(|(user, from, ms)| Op::SendToVanished { user, from, ms }),
+        1 => (user, 0..40u64).prop_map(|(user, ms)| Op::LeaveWhileCut { user, ms }),
     ]
 }
 
-/// Plans of 2-3 users on 1-2 nodes with up to `ops_max` ops.
+/// Plans of 2-3 users on 1-3 nodes with up to `ops_max` ops.
 pub fn plans(ops_max: usize) -> impl Strategy<Value = Plan> {
-    (0..1_000u64, 2..=3usize, 1..=2u64).prop_flat_map(move |(seed, users, nodes)| {
+    (0..1_000u64, 2..=3usize, 1..=3u64).prop_flat_map(move |(seed, users, nodes)| {
         proptest::collection::vec(op(users, nodes), 1..=ops_max).prop_map(move |ops| Plan {
             seed,
             users,
@@ -101,8 +189,11 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
     let mut cut_from_redis = vec![false; plan.nodes as usize + 1];
     let mut clients = BTreeMap::new();
     let mut devices = Vec::new();
-    for i in 0..plan.users {
-        let node = 1 + (i as u64 % plan.nodes);
+    // The node each user last connected to.
+    let mut home: Vec<u64> = (0..plan.users)
+        .map(|i| 1 + (i as u64 % plan.nodes))
+        .collect();
+    for (i, &node) in home.iter().enumerate() {
         clients.insert(user_id(i), ClientProfile::Compliant);
         devices.push((user_id(i), DEFAULT_DEVICE.to_owned()));
         steps.push(TimedStep {
@@ -118,8 +209,8 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
     // reach Redis (crash, cut from Redis, Redis restarting) is undone by
     // expiry, so such runs settle longer than a lease before judging.
     let mut lease_wait = false;
-    for op in &plan.ops {
-        let action = match *op {
+    for op in plan.ops.iter().flat_map(Op::expand) {
+        let action = match op {
             Op::Wait { ms } => {
                 now += Duration::from_millis(ms);
                 continue;
@@ -130,6 +221,7 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                 to: user_id(to),
                 text: None,
                 count: 1,
+                id: None,
             },
             Op::Disconnect { user } if connected[user] => {
                 connected[user] = false;
@@ -158,10 +250,20 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                 if !connected[user] && !off[user] && !crashed[node as usize] =>
             {
                 connected[user] = true;
+                home[user] = node;
                 Action::Reconnect {
                     user: user_id(user),
                     device: DEFAULT_DEVICE.into(),
                     node: Some(node),
+                }
+            }
+            Op::PartitionRedisUnder { user } if !cut_from_redis[home[user] as usize] => {
+                let node = home[user];
+                cut_from_redis[node as usize] = true;
+                lease_wait = true;
+                Action::Partition {
+                    a: format!("node{node}"),
+                    b: "redis".into(),
                 }
             }
             Op::PartitionRedis { node } if !cut_from_redis[node as usize] => {
@@ -192,6 +294,29 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                 lease_wait = true;
                 Action::RedisRestart { keep_data }
             }
+            Op::RedisSlow { ms } => {
+                // Replies slower than the command timeout fail like a cut.
+                lease_wait |= ms >= 450;
+                Action::RedisSlow {
+                    delay: Duration::from_millis(ms),
+                }
+            }
+            Op::Burst { from, to, count } if connected[from] && from != to => Action::Send {
+                from: user_id(from),
+                device: DEFAULT_DEVICE.into(),
+                to: user_id(to),
+                text: None,
+                count,
+                id: None,
+            },
+            Op::StopReading { user } if connected[user] => Action::StopReading {
+                user: user_id(user),
+                device: DEFAULT_DEVICE.into(),
+            },
+            Op::ResumeReading { user } if connected[user] => Action::ResumeReading {
+                user: user_id(user),
+                device: DEFAULT_DEVICE.into(),
+            },
             _ => continue,
         };
         steps.push(TimedStep { at: now, action });
@@ -213,9 +338,16 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
         guards: Vec::new(),
         expect: Expect {
             violated: Vec::new(),
+            ..Expect::default()
         },
+        trailing_end: story_end(&steps),
         steps,
     }
+}
+
+/// When a story of `steps` with no wait after its last step ends.
+pub fn story_end(steps: &[TimedStep]) -> Duration {
+    steps.last().map_or(Duration::ZERO, |s| s.at)
 }
 
 /// Writes a scenario in the file format, with `comment` as its opening
@@ -275,6 +407,7 @@ pub fn to_toml(s: &Scenario, comment: &str) -> String {
                 to,
                 text,
                 count,
+                id,
             } => {
                 let text = text
                     .as_ref()
@@ -285,8 +418,9 @@ pub fn to_toml(s: &Scenario, comment: &str) -> String {
                 } else {
                     String::new()
                 };
+                let id = id.map(|id| format!(", id = {id}")).unwrap_or_default();
                 format!(
-                    "do = \"send\", from = {from}{}, to = {to}{text}{count}",
+                    "do = \"send\", from = {from}{}, to = {to}{text}{count}{id}",
                     dev(device)
                 )
             }
@@ -318,6 +452,14 @@ pub fn to_toml(s: &Scenario, comment: &str) -> String {
         };
         let _ = writeln!(out, "  {{ {body}, {at} }},");
     }
+    let last = story_end(&s.steps);
+    if s.trailing_end > last {
+        let _ = writeln!(
+            out,
+            "  {{ do = \"wait\", for = \"{}ms\" }},",
+            (s.trailing_end - last).as_millis()
+        );
+    }
     let _ = writeln!(out, "]");
     let t = &s.timeouts;
     let _ = writeln!(out, "\n[timeouts]");
@@ -342,6 +484,25 @@ pub fn to_toml(s: &Scenario, comment: &str) -> String {
         .map(|i| format!("\"{i}\""))
         .collect();
     let _ = writeln!(out, "\n[expect]\nviolated = [{}]", violated.join(", "));
+    if !s.expect.closes.is_empty() {
+        let closes: Vec<String> = s
+            .expect
+            .closes
+            .iter()
+            .map(|c| {
+                let device = c
+                    .device
+                    .as_ref()
+                    .map(|d| format!(", device = {d:?}"))
+                    .unwrap_or_default();
+                format!("{{ user = {}{device}, code = {} }}", c.user, c.code)
+            })
+            .collect();
+        let _ = writeln!(out, "closes = [{}]", closes.join(", "));
+    }
+    if let Some(d) = s.expect.deliver_within {
+        let _ = writeln!(out, "deliver_within = \"{}ms\"", d.0.as_millis());
+    }
     out
 }
 

@@ -37,17 +37,20 @@ pub enum Event {
         node: u64,
         error: String,
     },
-    /// A client's connection ended, as the client saw it.
+    /// A client's connection ended, as the client saw it; `code` is the
+    /// server's close code when the server closed it with a close frame.
     Closed {
         user: u64,
         device: String,
         conn: u64,
         cause: String,
+        code: Option<u16>,
     },
     /// A client handed a message to its connection (`probe`: sent by the
-    /// liveness phase, not by the story).
+    /// liveness phase, not by the story); `device` is the sender's device.
     Sent {
         key: MsgKey,
+        device: String,
         to: u64,
         text: String,
         probe: bool,
@@ -66,6 +69,8 @@ pub enum Event {
         accepted: bool,
         reason: String,
     },
+    /// The server refused a send for now; the client sends it again later.
+    SendRetry { key: MsgKey, reason: String },
     /// A recipient's client received a message.
     Delivered {
         to: u64,
@@ -145,15 +150,24 @@ impl fmt::Display for Event {
                 device,
                 conn,
                 cause,
+                ..
             } => write!(f, "{} conn {conn} closed: {cause}", who(*user, device)),
             Event::Sent {
                 key,
+                device,
                 to,
                 text,
                 probe,
             } => {
                 let p = if *probe { " (probe)" } else { "" };
-                write!(f, "user{} sends {key} to {to}: {text:?}{p}", key.from)
+                write!(
+                    f,
+                    "{} sends {key} to {to}: {text:?}{p}",
+                    who(key.from, device)
+                )
+            }
+            Event::SendRetry { key, reason } => {
+                write!(f, "user{} told to retry {key} later: {reason}", key.from)
             }
             Event::SendFailed {
                 key, to, reason, ..

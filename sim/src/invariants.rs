@@ -1,8 +1,9 @@
 //! Checkers: each reads the recorded [`History`] and Redis's final state,
 //! never the server's internals, and returns a [`Verdict`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -69,21 +70,33 @@ impl Verdict {
     }
 }
 
-/// What the history says about each message.
+/// One message as the history tells it: the story (or a probe) sent it,
+/// the server answered, devices received it.
+///
+/// A message is named by its key (sender, client message id) and its text:
+/// a story may reuse an id for another text (a careless client), and that
+/// is another message, which the server must refuse rather than confuse
+/// with the first.
 #[derive(Clone, Debug, Default)]
 pub struct MessageFate {
     pub key: Option<MsgKey>,
+    /// The sender's device.
+    pub device: String,
     pub to: u64,
     pub text: String,
     pub probe: bool,
-    pub sent_at: Option<std::time::Duration>,
+    pub sent_at: Option<Duration>,
+    /// Its place among the messages its sending device sent (from 0).
+    pub order: usize,
     /// Could not be handed to a connection at all.
     pub send_failed: Option<String>,
-    /// The server's answer: Some(true) accepted, Some(false) refused.
+    /// The server's final answer: Some(true) accepted, Some(false) refused.
     pub accepted: Option<bool>,
     pub reason: String,
+    /// Temporary refusals before the answer ("retry later").
+    pub retries: usize,
     /// When, and on which of the recipient's devices, it arrived.
-    pub deliveries: Vec<(std::time::Duration, String)>,
+    pub deliveries: Vec<(Duration, String)>,
 }
 
 impl MessageFate {
@@ -111,23 +124,45 @@ impl MessageFate {
     }
 }
 
-/// Every message the story or the probes sent, in key order.
-pub fn fates(history: &History) -> BTreeMap<MsgKey, MessageFate> {
-    let mut fates = BTreeMap::<MsgKey, MessageFate>::new();
+/// A message's name in [`fates`]: its key and its text.
+pub type MsgId = (MsgKey, String);
+
+/// Every message the story or the probes sent, by key then text.
+///
+/// Answers are matched to sends by key, first unanswered send first (a
+/// client has one send per id in flight); deliveries by key and text.
+pub fn fates(history: &History) -> BTreeMap<MsgId, MessageFate> {
+    let mut fates = BTreeMap::<MsgId, MessageFate>::new();
+    // Per key, the sends still waiting for an answer, oldest first.
+    let mut unanswered = BTreeMap::<MsgKey, VecDeque<MsgId>>::new();
+    let mut sent_by = BTreeMap::<(u64, String), usize>::new();
     for r in &history.records {
         match &r.event {
             Event::Sent {
                 key,
+                device,
                 to,
                 text,
                 probe,
             } => {
-                let f = fates.entry(*key).or_default();
+                let id = (*key, text.clone());
+                let f = fates.entry(id.clone()).or_default();
+                if f.sent_at.is_some() {
+                    // The same message again (same id, same text): a retry
+                    // by the application; the server must treat it as one.
+                    unanswered.entry(*key).or_default().push_back(id);
+                    continue;
+                }
+                let n = sent_by.entry((key.from, device.clone())).or_default();
+                f.order = *n;
+                *n += 1;
                 f.key = Some(*key);
+                f.device = device.clone();
                 f.to = *to;
                 f.text = text.clone();
                 f.probe = *probe;
                 f.sent_at = Some(r.at);
+                unanswered.entry(*key).or_default().push_back(id);
             }
             Event::SendFailed {
                 key,
@@ -136,7 +171,7 @@ pub fn fates(history: &History) -> BTreeMap<MsgKey, MessageFate> {
                 reason,
                 probe,
             } => {
-                let f = fates.entry(*key).or_default();
+                let f = fates.entry((*key, text.clone())).or_default();
                 f.key = Some(*key);
                 f.to = *to;
                 f.text = text.clone();
@@ -144,26 +179,94 @@ pub fn fates(history: &History) -> BTreeMap<MsgKey, MessageFate> {
                 f.sent_at.get_or_insert(r.at);
                 f.send_failed = Some(reason.clone());
             }
+            Event::SendRetry { key, .. } => {
+                if let Some(id) = unanswered.get(key).and_then(|q| q.front())
+                    && let Some(f) = fates.get_mut(id)
+                {
+                    f.retries += 1;
+                }
+            }
             Event::SendResult {
                 key,
                 accepted,
                 reason,
             } => {
-                let f = fates.entry(*key).or_default();
-                f.accepted = Some(*accepted);
-                f.reason = reason.clone();
+                let Some(id) = unanswered.get_mut(key).and_then(VecDeque::pop_front) else {
+                    continue;
+                };
+                let f = fates.entry(id).or_default();
+                // A message sent twice keeps its first acceptance.
+                if f.accepted != Some(true) {
+                    f.accepted = Some(*accepted);
+                    f.reason = reason.clone();
+                }
             }
-            Event::Delivered { key, device, .. } => {
-                fates
-                    .entry(*key)
-                    .or_default()
-                    .deliveries
-                    .push((r.at, device.clone()));
+            Event::Delivered {
+                key, device, text, ..
+            } => {
+                let f = fates.entry((*key, text.clone())).or_default();
+                f.key.get_or_insert(*key);
+                f.deliveries.push((r.at, device.clone()));
             }
             _ => {}
         }
     }
     fates
+}
+
+/// What the promise says about one message, as the checkers see it and as
+/// the report's message table shows it (one judgement, two readers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Judgement {
+    /// Reached every device it had to (or one, when none had to).
+    Delivered,
+    /// Its recipient is left offline and it waits in the stored inbox.
+    Waiting,
+    /// Refused by the server (not "sent"; no promise).
+    Refused,
+    /// Never handed to a connection.
+    NotSent,
+    /// No answer and no delivery (the sender gave up, or the run ended).
+    Unanswered,
+    /// Told "sent", then lost with Redis's data (an empty restart):
+    /// exempt, the fault model assumes a durable store.
+    LostWithRedis,
+    /// Told "sent", not delivered where it had to be: a violation.
+    Missing { devices: Vec<String> },
+}
+
+/// Judges one message against `no_false_success`.
+pub fn judge(run: &RunResult, lost: &BTreeSet<MsgKey>, f: &MessageFate) -> Judgement {
+    let required = required_devices(run, f.to);
+    if f.send_failed.is_some() {
+        return Judgement::NotSent;
+    }
+    if f.reached(&required) {
+        return Judgement::Delivered;
+    }
+    match f.accepted {
+        Some(false) => Judgement::Refused,
+        None => Judgement::Unanswered,
+        Some(true) => {
+            let key = f.key.unwrap_or(MsgKey { from: 0, id: 0 });
+            if required.is_empty() && run.stored.contains(&(f.to, key)) {
+                Judgement::Waiting
+            } else if lost.contains(&key) {
+                Judgement::LostWithRedis
+            } else {
+                let devices = if required.is_empty() {
+                    vec!["any device".to_owned()]
+                } else {
+                    required
+                        .iter()
+                        .filter(|d| !f.deliveries.iter().any(|(_, got)| got == *d))
+                        .map(|d| d.to_string())
+                        .collect()
+                };
+                Judgement::Missing { devices }
+            }
+        }
+    }
 }
 
 /// Runs every checker.
@@ -183,71 +286,91 @@ fn delivery(history: &History, stored_twice: &BTreeSet<(u64, MsgKey)>) -> Verdic
         .iter()
         .map(|(to, k)| format!("{k} stored twice in {to}'s inbox"))
         .collect();
-    let sent: BTreeMap<MsgKey, u64> = history
-        .events()
-        .filter_map(|e| match e {
-            Event::Sent { key, to, .. } => Some((*key, *to)),
-            _ => None,
-        })
-        .collect();
-    let mut seen = BTreeSet::new();
-    let mut last_per_pair = BTreeMap::<(u64, u64, String), u64>::new();
+    let fates = fates(history);
+    // When each message first reached each device, and when Redis
+    // restarted empty: a message delivered before such a restart and again
+    // after it (its sender's retry met no dedup record) is a loss of the
+    // store, exempt like the messages it lost, and noted.
+    let mut first_delivery = BTreeMap::<(MsgKey, String, u64, String), Duration>::new();
+    let mut empty_restarts: Vec<Duration> = Vec::new();
+    let mut notes = Vec::new();
+    // Per (sending device, recipient device): the place of the last
+    // message it received from that device. Order is promised per sending
+    // device: two devices of one user sending at once have no order.
+    let mut last = BTreeMap::<(u64, String, u64, String), (usize, MsgKey)>::new();
     // The newest connection of each device: a delivery on an older one
     // went to a superseded connection.
     let mut newest = BTreeMap::<(u64, String), u64>::new();
-    for e in history.events() {
+    for r in &history.records {
+        let (now, e) = (r.at, &r.event);
+        if let Event::Fault { what } = e
+            && what == "redis restarts empty"
+        {
+            empty_restarts.push(now);
+        }
         if let Event::Connected {
             user, device, conn, ..
         } = e
         {
             newest.insert((*user, device.clone()), *conn);
         }
-        if let Event::Delivered {
+        let Event::Delivered {
             to,
             device,
             conn,
             key,
-            ..
+            text,
         } = e
-            && newest
-                .get(&(*to, device.clone()))
-                .is_some_and(|n| n != conn)
+        else {
+            continue;
+        };
+        if newest
+            .get(&(*to, device.clone()))
+            .is_some_and(|n| n != conn)
         {
             problems.push(format!(
                 "{key} delivered to {to} ({device}) on superseded connection {conn}"
             ));
         }
-        let Event::Delivered {
-            to, key, device, ..
-        } = e
+        let Some(f) = fates
+            .get(&(*key, text.clone()))
+            .filter(|f| f.sent_at.is_some())
         else {
+            problems.push(format!("{key} {text:?} delivered to {to} but never sent"));
             continue;
         };
-        match sent.get(key) {
-            None => problems.push(format!("{key} delivered to {to} but never sent")),
-            Some(dest) if dest != to => {
-                problems.push(format!("{key} for {dest} delivered to {to}"))
+        if f.to != *to {
+            problems.push(format!("{key} for {} delivered to {to}", f.to));
+            continue;
+        }
+        if let Some(first) = first_delivery.get(&(*key, text.clone(), *to, device.clone())) {
+            if empty_restarts.iter().any(|r| *first <= *r) {
+                notes.push(format!(
+                    "{key} delivered to {to} ({device}) again after Redis restarted empty (its dedup record was lost with the data; the fault model assumes a durable store)"
+                ));
+            } else {
+                problems.push(format!("{key} delivered to {to} ({device}) more than once"));
             }
-            Some(_) => {}
+        } else {
+            first_delivery.insert((*key, text.clone(), *to, device.clone()), now);
         }
-        if !seen.insert((*key, *to, device.clone())) {
-            problems.push(format!("{key} delivered to {to} ({device}) more than once"));
-        }
-        let last = last_per_pair
-            .entry((key.from, *to, device.clone()))
-            .or_insert(0);
-        if key.id < *last {
+        let pair = (key.from, f.device.clone(), *to, device.clone());
+        if let Some((before, prev)) = last.get(&pair)
+            && f.order < *before
+        {
             problems.push(format!(
-                "{key} delivered to {to} after #{} (out of order)",
-                *last
+                "{key} delivered to {to} ({device}) after {prev}, which its device sent later (out of order)"
             ));
         }
-        *last = (*last).max(key.id);
+        let entry = last.entry(pair).or_insert((f.order, *key));
+        if f.order > entry.0 {
+            *entry = (f.order, *key);
+        }
     }
     Verdict {
         invariant: Invariant::Delivery,
         problems,
-        notes: Vec::new(),
+        notes,
     }
 }
 
@@ -266,7 +389,7 @@ fn required_devices(run: &RunResult, user: u64) -> Vec<&str> {
 /// undo. The fault model therefore assumes a durable store (Redis with
 /// AOF or a replica); these are exempt from `no_false_success` and listed
 /// in its notes.
-fn lost_with_redis(history: &History) -> BTreeSet<MsgKey> {
+pub fn lost_with_redis(history: &History) -> BTreeSet<MsgKey> {
     let mut accepted = BTreeSet::new();
     let mut delivered = BTreeSet::new();
     let mut lost = BTreeSet::new();
@@ -298,25 +421,27 @@ fn no_false_success(run: &RunResult) -> Verdict {
     // hardened profile's "sent" is "stored").
     let lost = lost_with_redis(&run.history);
     let mut notes = Vec::new();
-    let problems = fates(&run.history)
-        .into_iter()
-        .filter(|(k, f)| {
-            let required = required_devices(run, f.to);
-            let waiting = required.is_empty() && run.stored.contains(&(f.to, *k));
-            !f.probe && f.accepted == Some(true) && !f.reached(&required) && !waiting
-        })
-        .filter(|(k, f)| {
-            let exempt = lost.contains(k);
-            if exempt {
-                notes.push(format!(
-                    "{k} to {} told sent, then lost with Redis's data (an empty restart; the store must be durable)",
-                    f.to
-                ));
+    let mut problems = Vec::new();
+    for ((k, _), f) in fates(&run.history) {
+        if f.probe {
+            continue;
+        }
+        match judge(run, &lost, &f) {
+            Judgement::LostWithRedis => notes.push(format!(
+                "{k} to {} told sent, then lost with Redis's data (an empty restart; the store must be durable)",
+                f.to
+            )),
+            Judgement::Missing { devices } => {
+                let whom = if devices.len() == 1 && devices[0] == "any device" {
+                    String::new()
+                } else {
+                    format!(" to {}", devices.join(", "))
+                };
+                problems.push(format!("{k} to {} told sent, never delivered{whom}", f.to))
             }
-            !exempt
-        })
-        .map(|(k, f)| format!("{k} to {} told sent, never delivered", f.to))
-        .collect();
+            _ => {}
+        }
+    }
     Verdict {
         invariant: Invariant::NoFalseSuccess,
         problems,
@@ -380,7 +505,7 @@ fn liveness(run: &RunResult) -> Verdict {
     for (u, d) in run.intended_online.difference(&live) {
         problems.push(format!("{u} ({d}) should be online but has no connection"));
     }
-    for (k, f) in fates(&run.history).into_iter().filter(|(_, f)| f.probe) {
+    for ((k, _), f) in fates(&run.history).into_iter().filter(|(_, f)| f.probe) {
         let required = required_devices(run, f.to);
         let outcome = match (&f.send_failed, f.accepted, f.reached(&required)) {
             (Some(why), _, _) => Some(format!("could not send: {why}")),
@@ -398,4 +523,74 @@ fn liveness(run: &RunResult) -> Verdict {
         problems,
         notes: Vec::new(),
     }
+}
+
+/// The scenario's own expectations beyond the invariants (`[expect]
+/// closes` and `deliver_within`); each failure says what was missed.
+///
+/// A close counts when a node wrote a close frame with that code on a
+/// connection of the device (seen by the wire tap, whether or not the
+/// client could still read it), or the client saw one.
+pub fn expectations(expect: &crate::scenario::Expect, run: &RunResult) -> Vec<String> {
+    let history = &run.history;
+    let mut failures = Vec::new();
+    for c in &expect.closes {
+        let device = c
+            .device
+            .as_deref()
+            .unwrap_or(crate::scenario::DEFAULT_DEVICE);
+        let host = crate::scenario::device_host(c.user, device);
+        let seen_by_client = history.events().any(|e| {
+            matches!(e, Event::Closed { user, device: d, code: Some(code), .. }
+                if *user == c.user && d == device && *code == c.code)
+        });
+        let written = run.wire.iter().any(|w| {
+            w.peer == host
+                && matches!(w.frame, crate::wire::Frame::Close { code } if code == c.code)
+        });
+        if !seen_by_client && !written {
+            failures.push(format!(
+                "no connection of {} ({device}) was closed by the server with {}",
+                c.user, c.code
+            ));
+        }
+    }
+    if let Some(bound) = expect.deliver_within {
+        let fates = fates(history);
+        let mut connected_at = BTreeMap::<(u64, String), Duration>::new();
+        for r in &history.records {
+            match &r.event {
+                Event::Connected { user, device, .. } => {
+                    connected_at.insert((*user, device.clone()), r.at);
+                }
+                Event::Delivered {
+                    to,
+                    device,
+                    key,
+                    text,
+                    ..
+                } => {
+                    let Some(f) = fates.get(&(*key, text.clone())) else {
+                        continue;
+                    };
+                    let (Some(sent), false) = (f.sent_at, f.probe) else {
+                        continue;
+                    };
+                    let since = connected_at
+                        .get(&(*to, device.clone()))
+                        .map_or(sent, |c| sent.max(*c));
+                    let took = r.at.saturating_sub(since);
+                    if took > bound.0 {
+                        failures.push(format!(
+                            "{key} reached {to} ({device}) {} after it could have (bound {})",
+                            crate::history::fmt_time(took),
+                            humantime::format_duration(bound.0)
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    failures
 }

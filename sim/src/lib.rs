@@ -69,6 +69,9 @@ pub struct Outcome {
     pub bugs: BTreeSet<Bug>,
     /// The dangerous states the run reached ("sometimes" assertions).
     pub reached: coverage::Reached,
+    /// The scenario's `[expect]` beyond the invariants (close codes,
+    /// promptness) that the run missed.
+    pub missed: Vec<String>,
 }
 
 impl Outcome {
@@ -80,9 +83,10 @@ impl Outcome {
             .collect()
     }
 
-    /// What happened equals what the scenario declares.
+    /// What happened equals what the scenario declares: exactly the
+    /// expected violations, and every other expectation met.
     pub fn passed(&self) -> bool {
-        self.violated() == self.expected
+        self.violated() == self.expected && self.missed.is_empty()
     }
 
     pub fn report(&self) -> String {
@@ -110,6 +114,7 @@ pub fn run_scenario(scenario: &Scenario, options: RunOptions) -> Result<Outcome,
     let (run, trace) = trace::capture(|| world::run(scenario, seed, profile, &options.bugs));
     let run = run?;
     let verdicts = invariants::check(&run);
+    let missed = invariants::expectations(&scenario.expect, &run);
     let expected = if profile == scenario.server && options.bugs.is_empty() {
         scenario.expect.violated.iter().copied().collect()
     } else {
@@ -120,6 +125,7 @@ pub fn run_scenario(scenario: &Scenario, options: RunOptions) -> Result<Outcome,
         seed,
         profile,
         reached: coverage::reached(&run),
+        missed,
         verdicts,
         expected,
         trace,

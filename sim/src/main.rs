@@ -458,8 +458,13 @@ fn run(paths: Vec<PathBuf>, flags: RunFlags) -> ExitCode {
             }
         };
         let verdict = if outcome.passed() { "PASS" } else { "FAIL" };
+        let missed = if outcome.missed.is_empty() {
+            String::new()
+        } else {
+            format!("  expectations missed: {}", outcome.missed.len())
+        };
         println!(
-            "{verdict} {}  ({}, seed {}, {:.1}s simulated in {:.2}s)  violated: {}  expected: {}",
+            "{verdict} {}  ({}, seed {}, {:.1}s simulated in {:.2}s)  violated: {}  expected: {}{missed}",
             scenario.name,
             outcome.profile,
             outcome.seed,

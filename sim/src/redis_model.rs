@@ -26,11 +26,12 @@
 //! EXISTS, TYPE, KEYS, GET, SET (NX, XX, GET, KEEPTTL, EX, PX, EXAT, PXAT),
 //! SETNX, GETDEL, INCR, INCRBY, DECR, DECRBY, EXPIRE and PEXPIRE (NX, XX, GT,
 //! LT), TTL, PTTL, PERSIST, SADD, SREM, SISMEMBER, SMEMBERS, SCARD, HSET,
-//! HGET, HDEL, HGETALL, HLEN, RPUSH, LPUSH, LRANGE, LLEN, LTRIM, ZADD (NX,
-//! XX, GT, LT, CH, INCR), ZRANGEBYSCORE (WITHSCORES, LIMIT), ZRANGE (index
-//! form, BYSCORE, REV, LIMIT, WITHSCORES), ZREM, ZCARD, ZREMRANGEBYSCORE,
-//! ZREMRANGEBYRANK, ZSCORE, PUBLISH, SUBSCRIBE, UNSUBSCRIBE, MULTI, EXEC,
-//! DISCARD, EVAL, EVALSHA, SCRIPT (LOAD, EXISTS, FLUSH).
+//! HSETNX, HGET, HDEL, HGETALL, HLEN, HINCRBY, RPUSH, LPUSH, LRANGE, LLEN,
+//! LTRIM, ZADD (NX, XX, GT, LT, CH, INCR), ZRANGEBYSCORE (WITHSCORES,
+//! LIMIT), ZRANGE (index form, BYSCORE, REV, LIMIT, WITHSCORES), ZCOUNT,
+//! ZREM, ZCARD, ZREMRANGEBYSCORE, ZREMRANGEBYRANK, ZSCORE, PUBLISH,
+//! SUBSCRIBE, UNSUBSCRIBE, MULTI, EXEC, DISCARD, EVAL, EVALSHA, SCRIPT
+//! (LOAD, EXISTS, FLUSH).
 //! Argument parsing, arity checks, error texts and WRONGTYPE follow Redis
 //! 7.0 (checked by `sim/tests/redis_differential.rs` against a real
 //! `redis-server`).
@@ -723,8 +724,12 @@ fn parse_f64(b: &[u8]) -> Option<f64> {
 }
 
 /// Redis's `zslParseRange` bound: `strtod` skipping leading spaces, only
-/// NaN rejected.
+/// NaN rejected. An empty bound (`''` or a bare `(`) is 0: `strtod` reads
+/// nothing and stops at the terminating NUL, which Redis takes as success.
 fn parse_f64_lenient(b: &[u8]) -> Option<f64> {
+    if b.is_empty() {
+        return Some(0.0);
+    }
     let s = std::str::from_utf8(b).ok()?.trim_start();
     let v: f64 = s.parse().ok()?;
     (!v.is_nan()).then_some(v)
@@ -856,6 +861,7 @@ fn arity(name: &str) -> Option<i32> {
         "SMEMBERS" | "SCARD" => 2,
         "HSET" => -4,
         "HGET" => 3,
+        "HSETNX" | "HINCRBY" => 4,
         "HDEL" => -3,
         "HGETALL" | "HLEN" => 2,
         "RPUSH" | "LPUSH" => -3,
@@ -864,7 +870,7 @@ fn arity(name: &str) -> Option<i32> {
         "ZADD" | "ZRANGEBYSCORE" | "ZRANGE" => -4,
         "ZREM" => -3,
         "ZCARD" => 2,
-        "ZREMRANGEBYSCORE" | "ZREMRANGEBYRANK" => 4,
+        "ZCOUNT" | "ZREMRANGEBYSCORE" | "ZREMRANGEBYRANK" => 4,
         "EVAL" | "EVALSHA" => -3,
         "SCRIPT" => -2,
         "ZSCORE" => 3,
@@ -1294,6 +1300,8 @@ impl Store {
                 .read::<BTreeSet<Bytes>>(&a[1])
                 .map(|s| Reply::Integer(s.map_or(0, BTreeSet::len) as i64)),
             "HSET" => self.hset(name, a),
+            "HSETNX" => self.hsetnx(a),
+            "HINCRBY" => self.hincrby(a),
             "HGET" => self
                 .read::<BTreeMap<Bytes, Bytes>>(&a[1])
                 .map(|h| Reply::Bulk(h.and_then(|h| h.get(&a[2]).cloned()))),
@@ -1323,6 +1331,7 @@ impl Store {
             "ZCARD" => self
                 .read::<ZSet>(&a[1])
                 .map(|z| Reply::Integer(z.map_or(0, ZSet::len) as i64)),
+            "ZCOUNT" => self.zcount(a),
             "ZREMRANGEBYSCORE" => self.zremrangebyscore(a),
             "ZREMRANGEBYRANK" => self.zremrangebyrank(a),
             "EVAL" => self.eval(session, now, a, true),
@@ -1683,6 +1692,37 @@ impl Store {
         Ok(Reply::Integer(added))
     }
 
+    fn hsetnx(&mut self, a: &[Bytes]) -> CmdResult {
+        let hash = self.write_or_create::<BTreeMap<Bytes, Bytes>>(&a[1])?;
+        if hash.contains_key(&a[2]) {
+            return Ok(Reply::Integer(0));
+        }
+        hash.insert(a[2].clone(), a[3].clone());
+        Ok(Reply::Integer(1))
+    }
+
+    fn hincrby(&mut self, a: &[Bytes]) -> CmdResult {
+        // Redis parses the increment before it looks at the key, so a bad
+        // increment on a key of another type is not WRONGTYPE.
+        let by = parse_i64(&a[3]).ok_or_else(|| Reply::error(NOT_INTEGER))?;
+        let current = match self.read::<BTreeMap<Bytes, Bytes>>(&a[1])? {
+            None => None,
+            Some(hash) => hash.get(&a[2]).cloned(),
+        };
+        let current = match current {
+            None => 0,
+            Some(v) => {
+                parse_i64(&v).ok_or_else(|| Reply::error("ERR hash value is not an integer"))?
+            }
+        };
+        let next = current
+            .checked_add(by)
+            .ok_or_else(|| Reply::error("ERR increment or decrement would overflow"))?;
+        let hash = self.write_or_create::<BTreeMap<Bytes, Bytes>>(&a[1])?;
+        hash.insert(a[2].clone(), Bytes::from(next.to_string()));
+        Ok(Reply::Integer(next))
+    }
+
     fn hdel(&mut self, a: &[Bytes]) -> CmdResult {
         let Some(hash) = self.write::<BTreeMap<Bytes, Bytes>>(&a[1])? else {
             return Ok(Reply::Integer(0));
@@ -1932,6 +1972,16 @@ impl Store {
             z.iter().skip(s).take(e - s + 1).collect()
         };
         Ok(emit(items))
+    }
+
+    fn zcount(&self, a: &[Bytes]) -> CmdResult {
+        // Like ZRANGEBYSCORE: the range is checked before the key's type.
+        let range = ScoreRange::parse(&a[2], &a[3]).ok_or_else(|| Reply::error(RANGE_NOT_FLOAT))?;
+        let Some(z) = self.read::<ZSet>(&a[1])? else {
+            return Ok(Reply::Integer(0));
+        };
+        let count = z.iter().filter(|(_, s)| range.contains(*s)).count();
+        Ok(Reply::Integer(count as i64))
     }
 
     fn zrem(&mut self, a: &[Bytes]) -> CmdResult {
@@ -2769,6 +2819,28 @@ mod tests {
             Reply::ok(),
             "SET overwrites any type"
         );
+    }
+
+    #[test]
+    fn hincrby_hsetnx_zcount() {
+        let mut s = Store::new();
+        assert_eq!(run(&mut s, 0, "HINCRBY h n -3"), Reply::Integer(-3));
+        assert_eq!(run(&mut s, 0, "HGET h n"), bulk("-3"));
+        assert_eq!(run(&mut s, 0, "HSETNX h n 7"), Reply::Integer(0));
+        assert_eq!(run(&mut s, 0, "HSETNX h v 01"), Reply::Integer(1));
+        let not_int = run(&mut s, 0, "HINCRBY h v 1");
+        assert_eq!(not_int, Reply::error("ERR hash value is not an integer"));
+        run(&mut s, 0, "HSET h max 9223372036854775807");
+        assert_eq!(err_code(&run(&mut s, 0, "HINCRBY h max 1")), "ERR");
+        run(&mut s, 0, "SET str x");
+        assert_eq!(err_code(&run(&mut s, 0, "HINCRBY str f x")), "ERR");
+        assert_eq!(err_code(&run(&mut s, 0, "HINCRBY str f 1")), "WRONGTYPE");
+        run(&mut s, 0, "ZADD z 1 a 2 b 3 c");
+        assert_eq!(run(&mut s, 0, "ZCOUNT z (1 3"), Reply::Integer(2));
+        assert_eq!(run(&mut s, 0, "ZCOUNT z -inf (3"), Reply::Integer(2));
+        assert_eq!(run(&mut s, 0, "ZCOUNT nope 0 1"), Reply::Integer(0));
+        assert_eq!(err_code(&run(&mut s, 0, "ZCOUNT str x 1")), "ERR");
+        assert_eq!(err_code(&run(&mut s, 0, "ZCOUNT str 0 1")), "WRONGTYPE");
     }
 
     #[test]

@@ -21,6 +21,11 @@
 //!
 //! [expect]
 //! violated = ["no_false_success"]   # exactly these invariants fail
+//! closes = [{ user = 1001, code = 4002 }]  # optional: the server closed a
+//!                              # connection of that device with that code
+//! deliver_within = "2s"        # optional: every delivery of a story message
+//!                              # within this long of its send (or of its
+//!                              # device's reconnection)
 //!
 //! [[step]]                     # steps run in order; time moves only by
 //! do = "connect"               # `at` (absolute) or `wait` (relative)
@@ -31,7 +36,8 @@
 //! (silent loss: partition, then the client drops its socket, so its FIN is
 //! lost), `power_off` (the device dies for good while cut off: no FIN, no
 //! RST, ever; it takes no further steps), `reconnect` (heals a vanish, drops any old socket, connects
-//! anew), `send` (`count = N` for a burst), `wait`, `partition`/`heal` (between two hosts),
+//! anew), `send` (`count = N` for a burst; `id = N` for an explicit client
+//! message id, e.g. a reused one, or 0), `wait`, `partition`/`heal` (between two hosts),
 //! `crash`/`restart` (a server node), `drain` (a node's graceful
 //! shutdown: its clients are told to go elsewhere), `redis_stop`/`redis_restart`
 //! (`keep_data = true|false`), `redis_slow` (every reply delayed by `delay`),
@@ -155,11 +161,33 @@ impl Default for Network {
 }
 
 /// What the run must show.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
     /// Exactly these invariants are violated; empty means all hold.
     pub violated: Vec<Invariant>,
+    /// Connections that must have been closed by the server with a given
+    /// close code (at least one connection of the device, each).
+    #[serde(default)]
+    pub closes: Vec<ExpectClose>,
+    /// Every delivery of a story message reaches its device within this
+    /// long of being sent, or of the device's (re)connection if it was
+    /// offline then. A promptness promise: a message that arrives, but
+    /// only at the next poll, breaks it.
+    #[serde(default)]
+    pub deliver_within: Option<Dur>,
+}
+
+/// `{ user = 1001, device = "phone", code = 4002 }` in `[expect] closes`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectClose {
+    pub user: u64,
+    /// The device (default "phone").
+    #[serde(default)]
+    pub device: Option<String>,
+    /// The WebSocket close code the server sent.
+    pub code: u16,
 }
 
 /// One step of a story, as written.
@@ -207,6 +235,9 @@ pub enum Step {
         text: Option<String>,
         /// Sends this many messages at once (a burst), default 1.
         count: Option<u64>,
+        /// The client message id to use (default: the user's next one). A
+        /// story may reuse an id, or send 0, as a careless client would.
+        id: Option<u64>,
         at: Option<Dur>,
     },
     Drain {
@@ -307,6 +338,8 @@ pub enum Action {
         to: u64,
         text: Option<String>,
         count: u64,
+        /// An explicit client message id (count is then 1).
+        id: Option<u64>,
     },
     Drain {
         node: u64,
@@ -364,6 +397,8 @@ pub struct Scenario {
     pub guards: Vec<Bug>,
     pub expect: Expect,
     pub steps: Vec<TimedStep>,
+    /// The story's time after its last step and every wait after it.
+    pub trailing_end: Duration,
 }
 
 impl Scenario {
@@ -372,9 +407,11 @@ impl Scenario {
         self.clients.keys().copied().collect()
     }
 
-    /// When the last step happens.
-    pub fn last_step_at(&self) -> Duration {
-        self.steps.last().map(|s| s.at).unwrap_or_default()
+    /// When the story ends: its last step, or later if waits follow it (a
+    /// story that ends with `wait` runs that long before the final checks).
+    pub fn story_end(&self) -> Duration {
+        let last = self.steps.last().map(|s| s.at).unwrap_or_default();
+        last.max(self.trailing_end)
     }
 
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
@@ -574,6 +611,7 @@ impl Scenario {
                     to,
                     text,
                     count,
+                    id,
                     ..
                 } => {
                     let d = dev(from, device);
@@ -582,12 +620,16 @@ impl Scenario {
                     if !(1..=100_000).contains(&count) {
                         return Err(err(format!("count = {count} (expected 1 to 100000)")));
                     }
+                    if id.is_some() && count != 1 {
+                        return Err(err("`id` names one message: it takes no `count`".into()));
+                    }
                     Action::Send {
                         from,
                         device: d.1,
                         to,
                         text,
                         count,
+                        id,
                     }
                 }
                 Step::Partition { a, b, .. } => {
@@ -652,6 +694,18 @@ impl Scenario {
             }
             clients.insert(id, p);
         }
+        for c in &file.expect.closes {
+            let device = c.device.as_deref().unwrap_or(DEFAULT_DEVICE);
+            if !connected.contains_key(&(c.user, device.to_owned())) {
+                return Err((
+                    0..0,
+                    format!(
+                        "expect.closes: user {} (device {device:?}) never connects",
+                        c.user
+                    ),
+                ));
+            }
+        }
         let mut guards = Vec::new();
         for g in &file.guards {
             let bug = g
@@ -675,6 +729,7 @@ impl Scenario {
             guards,
             expect: file.expect,
             steps,
+            trailing_end: now,
         })
     }
 }

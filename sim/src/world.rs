@@ -107,7 +107,7 @@ pub fn now() -> Duration {
 }
 
 /// A command from the driver to a user's agent.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Cmd {
     Connect {
         node: u64,
@@ -226,22 +226,95 @@ impl AgentCtx {
     fn record(&self, event: Event) {
         self.history.borrow_mut().push(now(), event);
     }
+
+    /// The client saw connection `conn` end.
+    fn closed(&self, conn: u64, cause: &im_client::CloseCause) -> Event {
+        let code = match cause {
+            im_client::CloseCause::ByServer { code, .. } => Some(*code),
+            _ => None,
+        };
+        Event::Closed {
+            user: self.user,
+            device: self.device.clone(),
+            conn,
+            cause: format!("{cause:?}"),
+            code,
+        }
+    }
+
+    /// The app ended connection `conn` itself.
+    fn closed_as(&self, conn: u64, why: &str) -> Event {
+        Event::Closed {
+            user: self.user,
+            device: self.device.clone(),
+            conn,
+            cause: why.into(),
+            code: None,
+        }
+    }
 }
 
 /// A user's device: runs the real client library as the driver commands.
+///
+/// Commands run in the order the driver posted them. Those that need room
+/// in the client's bounded command queue (a send, a close) are raced with
+/// reading the client's events, so a burst of any size never deadlocks:
+/// the client library waits for its caller to read (see
+/// `im_client::ClientSender`), and this agent always does.
 async fn agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
     // First, so dropped last in a power-off (see `crash`).
     let _guard = ctx.yard.guard();
     let mut client: Option<Client> = None;
+    let mut pending: VecDeque<Cmd> = VecDeque::new();
     loop {
-        let cmd = ctx.mailbox.queue.borrow_mut().pop_front();
-        if let Some(cmd) = cmd {
-            agent_command(&ctx, &mut client, cmd).await;
-            continue;
+        pending.extend(ctx.mailbox.queue.borrow_mut().drain(..));
+        match pending.front() {
+            Some(Cmd::Connect { .. } | Cmd::Abort | Cmd::PauseReading(_)) => {
+                let cmd = pending.pop_front().expect("a front");
+                agent_command(&ctx, &mut client, cmd).await;
+                continue;
+            }
+            Some(Cmd::Send { .. } | Cmd::Close) if client.is_none() => {
+                let cmd = pending.pop_front().expect("a front");
+                if let Cmd::Send {
+                    key,
+                    to,
+                    text,
+                    probe,
+                } = cmd
+                {
+                    ctx.record(Event::SendFailed {
+                        key,
+                        to,
+                        text,
+                        reason: "not connected".into(),
+                        probe,
+                    });
+                }
+                continue;
+            }
+            _ => {}
         }
+        let sender = client.as_ref().map(Client::sender);
+        let head = pending.front();
         tokio::select! {
             biased;
             _ = ctx.mailbox.notify.notified() => {}
+            done = async {
+                let sender = sender.as_ref().expect("connected");
+                match head.expect("a command") {
+                    Cmd::Send { key, to, text, .. } => sender.send(UserId(*to), text, key.id).await,
+                    _ => sender.close().await,
+                }
+            }, if head.is_some() && sender.is_some() => {
+                let cmd = pending.pop_front().expect("a front");
+                if let Cmd::Send { key, to, text, probe } = cmd {
+                    match done {
+                        Ok(()) => ctx.record(Event::Sent { key, device: ctx.device.clone(), to, text, probe }),
+                        Err(e) => ctx.record(Event::SendFailed { key, to, text, reason: e.to_string(), probe }),
+                    }
+                }
+            }
             event = next_event(&mut client) => {
                 let conn = client.as_ref().map_or(0, |c| c.conn_id().0);
                 match event {
@@ -251,14 +324,14 @@ async fn agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
                         key: MsgKey { from: from.0, id: client_msg_id },
                         text,
                     }),
-                    Some(ClientEvent::SendResult { client_msg_id, accepted, reason }) => ctx.record(Event::SendResult {
+                    Some(ClientEvent::SendResult { client_msg_id, accepted, reason, .. }) => ctx.record(Event::SendResult {
                         key: MsgKey { from: ctx.user, id: client_msg_id },
                         accepted,
                         reason,
                     }),
                     Some(ClientEvent::ServerError { code, detail }) => ctx.record(Event::ServerError { user: ctx.user, device: ctx.device.clone(), code, detail }),
                     Some(ClientEvent::Closed(cause)) => {
-                        ctx.record(Event::Closed { user: ctx.user, device: ctx.device.clone(), conn, cause: format!("{cause:?}") });
+                        ctx.record(ctx.closed(conn, &cause));
                         client = None;
                     }
                     None => client = None,
@@ -275,18 +348,14 @@ async fn next_event(client: &mut Option<Client>) -> Option<ClientEvent> {
     }
 }
 
+/// The commands that need no room in the client's queue (or no client).
 async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
     match cmd {
         Cmd::Connect { node } => {
             if let Some(old) = client.take() {
                 // A reconnecting app abandons its old socket (FIN, no close frame).
                 let _ = old.abort().await;
-                ctx.record(Event::Closed {
-                    user: ctx.user,
-                    device: ctx.device.clone(),
-                    conn: old.conn_id().0,
-                    cause: "abandoned for a new connection".into(),
-                });
+                ctx.record(ctx.closed_as(old.conn_id().0, "abandoned for a new connection"));
             }
             let host = format!("node{node}");
             let mut options = Options::new(UserId(ctx.user), format!("ws://{host}:{WS_PORT}/ws"));
@@ -330,58 +399,18 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
                 }),
             }
         }
-        Cmd::Close => {
-            if let Some(c) = client {
-                let _ = c.close().await;
-            }
-        }
         Cmd::Abort => {
             if let Some(c) = client.take() {
                 let _ = c.abort().await;
-                ctx.record(Event::Closed {
-                    user: ctx.user,
-                    device: ctx.device.clone(),
-                    conn: c.conn_id().0,
-                    cause: "vanished".into(),
-                });
+                ctx.record(ctx.closed_as(c.conn_id().0, "vanished"));
             }
         }
-        Cmd::Send {
-            key,
-            to,
-            text,
-            probe,
-        } => match client {
-            Some(c) => {
-                ctx.record(Event::Sent {
-                    key,
-                    to,
-                    text: text.clone(),
-                    probe,
-                });
-                if let Err(e) = c.send(UserId(to), &text, key.id).await {
-                    ctx.record(Event::SendFailed {
-                        key,
-                        to,
-                        text,
-                        reason: e.to_string(),
-                        probe,
-                    });
-                }
-            }
-            None => ctx.record(Event::SendFailed {
-                key,
-                to,
-                text,
-                reason: "not connected".into(),
-                probe,
-            }),
-        },
         Cmd::PauseReading(paused) => {
             if let Some(c) = client {
                 let _ = c.pause_reading(paused).await;
             }
         }
+        Cmd::Send { .. } | Cmd::Close => unreachable!("raced with events in `agent`"),
     }
 }
 
@@ -391,6 +420,9 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
 /// FIN is lost: the server keeps a half-open connection) and redials by
 /// itself until the network is back. A middlebox drop is silent to both
 /// ends: the app notices by heartbeat timeout.
+///
+/// As in [`agent`], commands run in order, and sends are raced with
+/// reading the client's events, so a burst of any size gets through.
 async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
     // First, so dropped last in a power-off (see `crash`).
     let _guard = ctx.yard.guard();
@@ -398,81 +430,88 @@ async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
     let mut conn = 0u64;
     // Closed by the story; its Stopped event may still be on the way.
     let mut closed = false;
+    let mut pending: VecDeque<Cmd> = VecDeque::new();
     loop {
-        let cmd = ctx.mailbox.queue.borrow_mut().pop_front();
-        if let Some(cmd) = cmd {
-            match cmd {
-                Cmd::Connect { node } => {
-                    ctx.home.store(node, Ordering::Relaxed);
-                    match client.take() {
-                        Some(c) if !closed => {
-                            let _ = c.reconnect().await;
-                            client = Some(c);
-                        }
-                        Some(mut old) => {
-                            // A connect right after a disconnect: the old
-                            // client finishes closing first, then a new one
-                            // starts (a closed client does not reconnect).
-                            let drain = async {
-                                while !record_resilient(&ctx, &mut conn, old.next_event().await) {}
-                            };
-                            let _ = tokio::time::timeout(ctx.connect_timeout, drain).await;
-                            closed = false;
-                            client = Some(start_resilient(&ctx));
-                        }
-                        None => client = Some(start_resilient(&ctx)),
-                    }
-                }
-                Cmd::Close => {
-                    if let Some(c) = &client {
-                        let _ = c.close().await;
-                        closed = true;
-                    }
-                }
-                // The app drops its socket while the network is cut (its
-                // FIN is lost, so the server holds a half-open connection)
-                // and, being resilient, starts redialing at once.
-                Cmd::Abort => {
-                    if let Some(c) = &client
-                        && !closed
-                    {
+        pending.extend(ctx.mailbox.queue.borrow_mut().drain(..));
+        match pending.front() {
+            Some(Cmd::Connect { .. }) => {
+                let Some(Cmd::Connect { node }) = pending.pop_front() else {
+                    unreachable!("matched above");
+                };
+                ctx.home.store(node, Ordering::Relaxed);
+                match client.take() {
+                    Some(c) if !closed => {
                         let _ = c.reconnect().await;
+                        client = Some(c);
                     }
+                    Some(mut old) => {
+                        // A connect right after a disconnect: the old
+                        // client finishes closing first, then a new one
+                        // starts (a closed client does not reconnect).
+                        let drain = async {
+                            while !record_resilient(&ctx, &mut conn, old.next_event().await) {}
+                        };
+                        let _ = tokio::time::timeout(ctx.connect_timeout, drain).await;
+                        closed = false;
+                        client = Some(start_resilient(&ctx));
+                    }
+                    None => client = Some(start_resilient(&ctx)),
                 }
-                Cmd::Send {
+                continue;
+            }
+            Some(Cmd::Send { .. }) if client.is_none() => {
+                let Some(Cmd::Send {
                     key,
                     to,
                     text,
                     probe,
-                } => match &client {
-                    Some(c) => {
-                        ctx.record(Event::Sent {
-                            key,
-                            to,
-                            text: text.clone(),
-                            probe,
-                        });
-                        let _ = c.send(UserId(to), &text, key.id).await;
-                    }
-                    None => ctx.record(Event::SendFailed {
-                        key,
-                        to,
-                        text,
-                        reason: "not started".into(),
-                        probe,
-                    }),
-                },
-                Cmd::PauseReading(p) => {
-                    if let Some(c) = &client {
-                        let _ = c.pause_reading(p).await;
-                    }
-                }
+                }) = pending.pop_front()
+                else {
+                    unreachable!("matched above");
+                };
+                ctx.record(Event::SendFailed {
+                    key,
+                    to,
+                    text,
+                    reason: "not started".into(),
+                    probe,
+                });
+                continue;
             }
-            continue;
+            Some(Cmd::Close | Cmd::Abort | Cmd::PauseReading(_)) if client.is_none() || closed => {
+                pending.pop_front();
+                continue;
+            }
+            _ => {}
         }
+        let sender = client.as_ref().map(Resilient::sender);
+        let head = pending.front();
         let event = tokio::select! {
             biased;
             _ = ctx.mailbox.notify.notified() => continue,
+            done = async {
+                let sender = sender.as_ref().expect("started");
+                match head.expect("a command") {
+                    Cmd::Send { key, to, text, .. } => sender.send(UserId(*to), text, key.id).await,
+                    Cmd::Close => sender.close().await,
+                    // The app drops its socket while the network is cut (its
+                    // FIN is lost, so the server holds a half-open
+                    // connection) and, being resilient, redials at once.
+                    Cmd::Abort => sender.reconnect().await,
+                    Cmd::PauseReading(p) => sender.pause_reading(*p).await,
+                    Cmd::Connect { .. } => unreachable!("handled above"),
+                }
+            }, if head.is_some() && sender.is_some() => {
+                match pending.pop_front().expect("a front") {
+                    Cmd::Send { key, to, text, probe } => match done {
+                        Ok(()) => ctx.record(Event::Sent { key, device: ctx.device.clone(), to, text, probe }),
+                        Err(e) => ctx.record(Event::SendFailed { key, to, text, reason: e.to_string(), probe }),
+                    },
+                    Cmd::Close => closed = true,
+                    _ => {}
+                }
+                continue;
+            }
             event = async {
                 match &mut client {
                     Some(c) => c.next_event().await,
@@ -501,17 +540,25 @@ fn record_resilient(ctx: &AgentCtx, conn: &mut u64, event: Option<ResilientEvent
                 conn: *conn,
             });
         }
-        Some(ResilientEvent::Disconnected { conn_id, cause }) => ctx.record(Event::Closed {
-            user: ctx.user,
-            device: ctx.device.clone(),
-            conn: conn_id,
-            cause: format!("{cause:?}"),
-        }),
+        Some(ResilientEvent::Disconnected { conn_id, cause }) => {
+            ctx.record(ctx.closed(conn_id, &cause))
+        }
         Some(ResilientEvent::ConnectFailed { error }) => ctx.record(Event::ConnectFailed {
             user: ctx.user,
             device: ctx.device.clone(),
             node,
             error,
+        }),
+        Some(ResilientEvent::Retrying {
+            client_msg_id,
+            reason,
+            ..
+        }) => ctx.record(Event::SendRetry {
+            key: MsgKey {
+                from: ctx.user,
+                id: client_msg_id,
+            },
+            reason,
         }),
         Some(ResilientEvent::Event(ClientEvent::Delivered {
             from,
@@ -535,6 +582,7 @@ fn record_resilient(ctx: &AgentCtx, conn: &mut u64, event: Option<ResilientEvent
             client_msg_id,
             accepted,
             reason,
+            ..
         })) => ctx.record(Event::SendResult {
             key: MsgKey {
                 from: ctx.user,
@@ -616,7 +664,7 @@ pub fn run(
     let t = scenario.timeouts;
     let settle = t.settle.0;
     // Story, settle, heal + settle, liveness + settle, plus margin.
-    let total = scenario.last_step_at() + settle * 3 + t.connect.0 * 2 + Duration::from_secs(10);
+    let total = scenario.story_end() + settle * 3 + t.connect.0 * 2 + Duration::from_secs(10);
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
         .epoch(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
@@ -731,6 +779,7 @@ pub fn run(
         driver.advance_to(step.at)?;
         driver.apply(&step.action);
     }
+    driver.advance_to(scenario.story_end())?;
     let end_of_story = driver.sim.elapsed() + settle;
     driver.advance_to(end_of_story)?;
 
@@ -771,7 +820,7 @@ pub fn run(
         for &b in senders.keys() {
             if a.0 != b {
                 let text = format!("probe {}->{b}", a.0);
-                driver.send(a, b, Some(text), true);
+                driver.send(a, b, Some(text), true, None);
             }
         }
     }
@@ -1003,15 +1052,18 @@ impl Driver<'_> {
         net.redis_down = self.redis_down;
     }
 
-    fn send(&mut self, from: &Dev, to: u64, text: Option<String>, probe: bool) {
+    fn send(&mut self, from: &Dev, to: u64, text: Option<String>, probe: bool, id: Option<u64>) {
         // Ids are per user, across its devices, as the server dedups by
-        // (user, id).
-        let id = self.next_id.entry(from.0).or_insert(0);
-        *id += 1;
-        let key = MsgKey {
-            from: from.0,
-            id: *id,
+        // (user, id); a story may name one (reused, or 0).
+        let next = self.next_id.entry(from.0).or_insert(0);
+        let id = match id {
+            Some(id) => id,
+            None => {
+                *next += 1;
+                *next
+            }
         };
+        let key = MsgKey { from: from.0, id };
         let text = text.unwrap_or_else(|| format!("m{}", key.id));
         self.agents[from].mailbox.post(Cmd::Send {
             key,
@@ -1071,6 +1123,7 @@ impl Driver<'_> {
                         device: device.clone(),
                         conn,
                         cause: "powered off".into(),
+                        code: None,
                     });
                 }
             }
@@ -1095,10 +1148,11 @@ impl Driver<'_> {
                 to,
                 text,
                 count,
+                id,
             } => {
                 let dev = (*from, device.clone());
                 for _ in 0..*count {
-                    self.send(&dev, *to, text.clone(), false);
+                    self.send(&dev, *to, text.clone(), false, *id);
                 }
             }
             Action::Drain { node } => {

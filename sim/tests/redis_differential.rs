@@ -497,6 +497,72 @@ const FIXED: &[&str] = &[
     "HDEL h f2",
     "EXISTS h",
     "HGETALL str",
+    "HSETNX hn f v",
+    "HSETNX hn f w",
+    "HGET hn f",
+    "HSETNX hn g ''",
+    "HGETALL hn",
+    "HSETNX hn f",
+    "HSETNX hn f v w",
+    "HSETNX str f v",
+    "HINCRBY hi n 5",
+    "HINCRBY hi n -7",
+    "HGET hi n",
+    "HINCRBY hi fresh -3",
+    "HINCRBY hi n 0",
+    "HINCRBY hi n x",
+    "HINCRBY hi n 1.5",
+    "HINCRBY hi n ''",
+    "HINCRBY hi n 01",
+    "HINCRBY hi n 9223372036854775808",
+    "HINCRBY hi n -9223372036854775809",
+    "HINCRBY hi n",
+    "HINCRBY hi n 1 2",
+    "HSET hi s abc lead 01 neg -0 plus +1 e '' dot 1.0",
+    "HINCRBY hi s 1",
+    "HINCRBY hi lead 1",
+    "HINCRBY hi neg 1",
+    "HINCRBY hi plus 1",
+    "HINCRBY hi e 1",
+    "HINCRBY hi dot 0",
+    "HGET hi lead",
+    "HSET hi max 9223372036854775807 min -9223372036854775808",
+    "HINCRBY hi max 1",
+    "HINCRBY hi max 0",
+    "HINCRBY hi max -1",
+    "HINCRBY hi min -1",
+    "HINCRBY hi min 1",
+    "HINCRBY hi min -9223372036854775808",
+    "HINCRBY hi zero -9223372036854775808",
+    "HGET hi zero",
+    "HGET hi max",
+    "HGET hi min",
+    "HINCRBY str f 1",
+    "HINCRBY str f x",
+    "HINCRBY hc f 1",
+    "TYPE hc",
+    "HGET hi nope",
+    "HGET nope nope",
+    "EXISTS hi hn hc nope hi",
+    // a hash with an expiry: HSETNX and HINCRBY keep it
+    "PEXPIRE hn 100000",
+    "PTTL hn",
+    "HSETNX hn z 1",
+    "HINCRBY hn c 1",
+    "PTTL hn",
+    "PEXPIRE hn 200000 NX",
+    "PEXPIRE hn 200000 GT",
+    "PEXPIRE hn 0",
+    "EXISTS hn",
+    "HGET hn f",
+    "HGETALL hn",
+    "HSETNX hn f v",
+    "TTL hn",
+    "PEXPIRE hc -5",
+    "HINCRBY hc f 1",
+    "TTL hc",
+    "PEXPIRE hn",
+    "PEXPIRE hn x",
     // lists
     "RPUSH l a b c",
     "LPUSH l x y",
@@ -549,6 +615,43 @@ const FIXED: &[&str] = &[
     "ZSCORE nope a",
     "ZCARD z",
     "ZCARD nope",
+    "ZADD zc 0 zero 1 a 2 b 3 c inf i -inf ni 1.5 h",
+    "ZCOUNT zc -inf +inf",
+    "ZCOUNT zc 1 3",
+    "ZCOUNT zc (1 3",
+    "ZCOUNT zc 1 (3",
+    "ZCOUNT zc (1 (3",
+    "ZCOUNT zc (1 (1",
+    "ZCOUNT zc 1 1",
+    "ZCOUNT zc (1 1",
+    "ZCOUNT zc 3 1",
+    "ZCOUNT zc (-inf (+inf",
+    "ZCOUNT zc -inf -inf",
+    "ZCOUNT zc (-inf -inf",
+    "ZCOUNT zc inf inf",
+    "ZCOUNT zc (inf +inf",
+    "ZCOUNT zc 1.5 1e3",
+    "ZCOUNT zc (1.5 2",
+    "ZCOUNT zc -0 0",
+    "ZCOUNT zc -INFINITY Infinity",
+    "ZCOUNT zc '' 1",
+    "ZCOUNT zc ( (3",
+    "ZCOUNT zc ( (",
+    "ZCOUNT zc x 1",
+    "ZCOUNT zc 1 (x",
+    "ZCOUNT zc nan 1",
+    "ZCOUNT zc 1 (nan",
+    "ZCOUNT zc 1 1x",
+    "ZCOUNT zc ((1 2",
+    "ZCOUNT zc 1",
+    "ZCOUNT zc 1 2 3",
+    "ZCOUNT nope 0 1",
+    "ZCOUNT nope x 1",
+    "ZCOUNT str 0 1",
+    "ZCOUNT str x 1",
+    "ZRANGEBYSCORE zc '' 1",
+    "ZRANGEBYSCORE zc ( 3 WITHSCORES",
+    "ZREMRANGEBYSCORE zc ( (",
     "ZRANGE z 0 -1",
     "ZRANGE z 0 -1 WITHSCORES",
     "ZRANGE z 1 3 REV",
@@ -622,6 +725,11 @@ const FIXED: &[&str] = &[
     "INCR t",
     "SADD t x",
     "GET t",
+    "HINCRBY t f 1",
+    "HINCRBY th f 2",
+    "HSETNX th f 9",
+    "ZCOUNT t 0 1",
+    "ZCOUNT th x 1",
     "SMEMBERS set",
     "TTL t",
     "EXEC",
@@ -684,43 +792,100 @@ fn every_command_matches_real_redis() {
 }
 
 // ---------------------------------------------------------------------------
-// The server's Lua store script against its native transliteration
+// The server's Lua scripts against their native transliterations
 // ---------------------------------------------------------------------------
 
-/// The store script (`im_server::inbox::STORE_SCRIPT`) on real Redis's Lua
-/// and in the model's native version: fresh stores, duplicates, dedup off,
-/// the trim, 16-digit sequence numbers (Lua's 14-digit number formatting
-/// would corrupt them), a failing command inside the script with the
-/// effects before it kept, and the script cache (NOSCRIPT until loaded,
-/// EVAL loads, SCRIPT FLUSH forgets). Errors compare by code: Redis
-/// appends the script's name and line.
+/// A script call: EVALSHA (`by = "sha"`) or EVAL (`"src"`) of `src` with
+/// `keys` and `args`.
+fn eval(src: &str, by: &str, keys: &[&str], args: &[&[u8]]) -> Cmd {
+    let mut v: Vec<Vec<u8>> = match by {
+        "sha" => vec![
+            b"EVALSHA".to_vec(),
+            redis::Script::new(src).get_hash().as_bytes().to_vec(),
+        ],
+        _ => vec![b"EVAL".to_vec(), src.as_bytes().to_vec()],
+    };
+    v.push(keys.len().to_string().into_bytes());
+    v.extend(keys.iter().map(|k| k.as_bytes().to_vec()));
+    v.extend(args.iter().map(|a| a.to_vec()));
+    Cmd(v)
+}
+
+/// Runs `cmds` on the model and on real Redis, over RESP2 and RESP3, and
+/// requires the same replies. Errors compare by code: Redis appends the
+/// script's name and line.
+fn both_agree(cmds: &[Cmd]) {
+    let rt = runtime();
+    let servers = start(&rt);
+    let opts = NormOptions { error_text: false };
+    for resp3 in [false, true] {
+        rt.block_on(async {
+            let mut pair = Pair::new(&servers, resp3).await;
+            pair.reset().await;
+            if let Err(report) = run_both(&mut pair, cmds, opts).await {
+                panic!("{report}");
+            }
+        });
+    }
+}
+
+/// The store script: `keys` = [seq, inbox, dedup, user]; then the start,
+/// the envelope, history, backlog, dedup ms, dedup mode, digest,
+/// retention, known, trim.
+#[allow(clippy::too_many_arguments)]
+fn store(
+    by: &str,
+    keys: [&str; 4],
+    start: &str,
+    msg: &[u8],
+    history: &str,
+    backlog: &str,
+    mode: &str,
+    digest: &str,
+    retention: &str,
+    known: &str,
+    trim: &str,
+) -> Cmd {
+    eval(
+        im_server::scripts::STORE,
+        by,
+        &keys,
+        &[
+            start.as_bytes(),
+            msg,
+            history.as_bytes(),
+            backlog.as_bytes(),
+            b"60000",
+            mode.as_bytes(),
+            digest.as_bytes(),
+            retention.as_bytes(),
+            known.as_bytes(),
+            trim.as_bytes(),
+        ],
+    )
+}
+
+/// The store script on real Redis's Lua and in the model's native
+/// version: fresh stores, true retries (same digest), a reused id (another
+/// digest), dedup by id alone and off, the recipient check, the backlog
+/// limit against the acknowledged sequence, the trim of acknowledged
+/// messages only and the window trim, retention, 16-digit sequence numbers
+/// (Lua's 14-digit number formatting would corrupt them), a failing
+/// command inside the script with the effects before it kept, and the
+/// script cache (NOSCRIPT until loaded, EVAL loads, SCRIPT FLUSH forgets).
 #[test]
 fn store_script_matches_real_redis() {
-    let src = im_server::inbox::STORE_SCRIPT;
+    let src = im_server::scripts::STORE;
     let sha = redis::Script::new(src).get_hash().to_owned();
-    // EVALSHA with the store's arguments: seq key, inbox, dedup key, start,
-    // message, trim stop, dedup ttl ms, check dedup.
-    let store = |by: &str, keys: [&str; 3], start: &str, msg: &[u8], stop: &str, check: &str| {
-        let head: Vec<Vec<u8>> = match by {
-            "sha" => vec![b"EVALSHA".to_vec(), sha.clone().into_bytes()],
-            _ => vec![b"EVAL".to_vec(), src.as_bytes().to_vec()],
-        };
-        let mut args = head;
-        args.push(b"3".to_vec());
-        args.extend(keys.iter().map(|k| k.as_bytes().to_vec()));
-        args.extend([
-            start.as_bytes().to_vec(),
-            msg.to_vec(),
-            stop.as_bytes().to_vec(),
-            b"60000".to_vec(),
-            check.as_bytes().to_vec(),
-        ]);
-        Cmd(args)
+    let k = ["s", "i", "d1", "u"];
+    let s = |keys, msg: &[u8], hist, backlog, mode, digest| {
+        store(
+            "sha", keys, "1000", msg, hist, backlog, mode, digest, "0", "1", "acked",
+        )
     };
-    let k = ["s", "i", "d1"];
     let cmds = vec![
         Cmd::parse("SCRIPT FLUSH"),
-        store("sha", k, "1000", b"m1", "-3", "1"),
+        s(k, b"m1", "3", "0", "digest", "aa"),
         Cmd(vec![
             b"SCRIPT".to_vec(),
             b"EXISTS".to_vec(),
@@ -731,65 +896,300 @@ fn store_script_matches_real_redis() {
             b"LOAD".to_vec(),
             src.as_bytes().to_vec(),
         ]),
-        Cmd(vec![
-            b"SCRIPT".to_vec(),
-            b"EXISTS".to_vec(),
-            sha.clone().into_bytes(),
-        ]),
-        store("sha", k, "1000", b"m1", "-3", "1"),
-        store("sha", k, "1000", b"m1 again", "-3", "1"),
-        store("sha", ["s", "i", "d2"], "5", b"m2\x00:bin", "-3", "1"),
-        store("sha", ["s", "i", "d3"], "1000", b"m3", "-3", "1"),
-        store("sha", ["s", "i", "d3"], "1000", b"m3", "-3", "0"),
+        // Unknown recipient: no user record.
+        s(k, b"m1", "3", "0", "digest", "aa"),
+        Cmd::parse("EXISTS s i d1"),
+        Cmd::parse("HSET u gen:phone 5"),
+        s(k, b"m1", "3", "0", "digest", "aa"),
+        // A true retry, a reused id, dedup by id, dedup off.
+        s(k, b"m1", "3", "0", "digest", "aa"),
+        s(k, b"other", "3", "0", "digest", "bb"),
+        s(k, b"other", "3", "0", "id", "bb"),
+        s(k, b"other", "3", "0", "off", "bb"),
+        Cmd::parse("SET d-old 1005"),
+        s(["s", "i", "d-old", "u"], b"x", "3", "0", "digest", "aa"),
+        s(["s", "i", "d-old", "u"], b"x", "3", "0", "id", "aa"),
+        s(
+            ["s", "i", "d2", "u"],
+            b"m2\x00:bin",
+            "3",
+            "0",
+            "digest",
+            "cc",
+        ),
+        s(["s", "i", "d3", "u"], b"m3", "3", "0", "digest", "dd"),
         Cmd::parse("ZRANGE i 0 -1 WITHSCORES"),
         Cmd::parse("GET s"),
         Cmd::parse("GET d1"),
-        Cmd::parse("GET d3"),
         Cmd::parse("PTTL d2"),
+        // The backlog: nothing acknowledged; 4 waiting, limit 5: stored;
+        // 5 waiting: refused; 2 of them acknowledged: stored.
+        s(["s", "i", "d4", "u"], b"m4", "9", "5", "digest", "ee"),
+        s(["s", "i", "d4b", "u"], b"m4b", "9", "5", "digest", "ef"),
+        Cmd::parse("EXISTS d4b"),
+        Cmd::parse("HSET u acked 1002"),
+        s(["s", "i", "d4b", "u"], b"m4b", "9", "5", "digest", "ef"),
+        s(["s", "i", "d4c", "u"], b"m4c", "9", "5", "digest", "eg"),
+        s(["s", "i", "d4d", "u"], b"m4d", "9", "5", "digest", "eh"),
+        Cmd::parse("ZCARD i"),
+        // Acknowledged beyond the history go; waiting ones never do.
+        Cmd::parse("HSET u acked 1006"),
+        s(["s", "i", "d5", "u"], b"m5", "2", "5", "digest", "ff"),
+        Cmd::parse("ZRANGE i 0 -1 WITHSCORES"),
+        Cmd::parse("HSET u acked 1001"),
+        s(["s", "i", "d6", "u"], b"m6", "0", "5", "digest", "gg"),
+        Cmd::parse("ZRANGE i 0 -1 WITHSCORES"),
+        // The window trim (the inbox_trims_undelivered bug).
+        store(
+            "sha",
+            ["s", "i", "d7", "u"],
+            "1000",
+            b"m7",
+            "2",
+            "0",
+            "digest",
+            "hh",
+            "0",
+            "1",
+            "window",
+        ),
+        Cmd::parse("ZRANGE i 0 -1 WITHSCORES"),
+        // Retention and no recipient check.
         store(
             "src",
-            ["big", "bi", "bd"],
+            ["rs", "ri", "rd", "ru"],
+            "1000",
+            b"r",
+            "3",
+            "0",
+            "digest",
+            "ii",
+            "90000",
+            "0",
+            "acked",
+        ),
+        Cmd::parse("PTTL rs"),
+        Cmd::parse("PTTL ri"),
+        Cmd::parse("EXISTS ru"),
+        // 16-digit numbers.
+        Cmd::parse("HSET bu acked 1700000000000001"),
+        store(
+            "src",
+            ["big", "bi", "bd", "bu"],
             "1700000000000000",
             b"x",
-            "-1001",
+            "1000",
+            "1000",
+            "digest",
+            "jj",
+            "0",
             "1",
+            "acked",
         ),
         store(
             "sha",
-            ["big", "bi", "bd2"],
+            ["big", "bi", "bd2", "bu"],
             "1700000000000000",
             b"y",
-            "-1001",
+            "1000",
+            "1000",
+            "digest",
+            "kk",
+            "0",
             "1",
+            "acked",
         ),
         Cmd::parse("ZRANGE bi 0 -1 WITHSCORES"),
         Cmd::parse("ZRANGEBYSCORE bi (1700000000000001 +inf"),
         Cmd::parse("GET bd2"),
+        // A wrong type inside the script.
         Cmd::parse("SET str x"),
-        store("sha", ["s3", "str", "d9"], "1000", b"z", "-3", "1"),
+        Cmd::parse("HSET u3 acked 0"),
+        s(["s3", "str", "d9", "u3"], b"z", "3", "0", "digest", "ll"),
         Cmd::parse("GET s3"),
         Cmd::parse("EXISTS d9"),
-        store("sha", ["s4", "i4", "str"], "1000", b"z", "-3", "1"),
-        Cmd::parse("GET s4"),
+        s(["s4", "i4", "d10", "str"], b"z", "3", "0", "digest", "ll"),
         Cmd::parse("SCRIPT FLUSH"),
-        store("sha", k, "1000", b"after flush", "-3", "1"),
+        s(k, b"after flush", "3", "0", "digest", "mm"),
         Cmd::parse("MULTI"),
-        store("src", ["s5", "i5", "d5"], "1000", b"in multi", "-3", "1"),
+        store(
+            "src",
+            ["s5", "i5", "d5", "u"],
+            "1000",
+            b"in multi",
+            "3",
+            "0",
+            "digest",
+            "nn",
+            "0",
+            "1",
+            "acked",
+        ),
         Cmd::parse("GET s5"),
         Cmd::parse("EXEC"),
     ];
-    let rt = runtime();
-    let servers = start(&rt);
-    let opts = NormOptions { error_text: false };
-    for resp3 in [false, true] {
-        rt.block_on(async {
-            let mut pair = Pair::new(&servers, resp3).await;
-            pair.reset().await;
-            if let Err(report) = run_both(&mut pair, &cmds, opts).await {
-                panic!("{report}");
-            }
-        });
-    }
+    both_agree(&cmds);
+}
+
+/// The ack script: raises, never lowers, 16 digits, retention, a wrong type.
+#[test]
+fn ack_script_matches_real_redis() {
+    let ack = |key: &str, seq: &str, retention: &str| {
+        eval(
+            im_server::scripts::ACK,
+            "sha",
+            &[key],
+            &[seq.as_bytes(), retention.as_bytes()],
+        )
+    };
+    let cmds = vec![
+        Cmd(vec![
+            b"SCRIPT".to_vec(),
+            b"LOAD".to_vec(),
+            im_server::scripts::ACK.as_bytes().to_vec(),
+        ]),
+        ack("u", "1700000000000005", "0"),
+        ack("u", "1700000000000004", "0"),
+        ack("u", "1700000000000009", "60000"),
+        Cmd::parse("HGET u acked"),
+        Cmd::parse("PTTL u"),
+        Cmd::parse("SET s x"),
+        ack("s", "1", "0"),
+        eval(im_server::scripts::ACK, "src", &["v"], &[b"7", b"0"]),
+        Cmd::parse("HGETALL v"),
+    ];
+    both_agree(&cmds);
+}
+
+/// The lease refresh: writes and prunes, honours tombstones, finds a newer
+/// generation (and ignores it when told to), writes the generation back
+/// after a loss, keeps the key lifetimes.
+#[test]
+fn lease_refresh_script_matches_real_redis() {
+    #[allow(clippy::too_many_arguments)]
+    let refresh = |member: &str,
+                   expires: &str,
+                   now: &str,
+                   life: &str,
+                   generation: &str,
+                   tomb: &str,
+                   newer: &str| {
+        eval(
+            im_server::scripts::LEASE_REFRESH,
+            "sha",
+            &["c", "r", "u"],
+            &[
+                member.as_bytes(),
+                expires.as_bytes(),
+                now.as_bytes(),
+                life.as_bytes(),
+                b"90000",
+                b"gen:phone",
+                generation.as_bytes(),
+                tomb.as_bytes(),
+                newer.as_bytes(),
+            ],
+        )
+    };
+    let cmds = vec![
+        Cmd(vec![
+            b"SCRIPT".to_vec(),
+            b"LOAD".to_vec(),
+            im_server::scripts::LEASE_REFRESH.as_bytes().to_vec(),
+        ]),
+        refresh(
+            "n1/1/1/phone",
+            "31000",
+            "1000",
+            "60000",
+            "1700000000000001",
+            "1",
+            "1",
+        ),
+        Cmd::parse("ZRANGE c 0 -1 WITHSCORES"),
+        Cmd::parse("HGETALL u"),
+        Cmd::parse("PTTL c"),
+        Cmd::parse("PTTL u"),
+        Cmd::parse("ZADD c 500 stale"),
+        refresh(
+            "n1/1/1/phone",
+            "41000",
+            "11000",
+            "60000",
+            "1700000000000001",
+            "1",
+            "1",
+        ),
+        Cmd::parse("ZRANGE c 0 -1 WITHSCORES"),
+        // A newer generation of the device exists.
+        Cmd::parse("HSET u gen:phone 1700000000000002"),
+        refresh(
+            "n1/1/1/phone",
+            "51000",
+            "21000",
+            "60000",
+            "1700000000000001",
+            "1",
+            "1",
+        ),
+        refresh(
+            "n1/1/1/phone",
+            "51000",
+            "21000",
+            "60000",
+            "1700000000000001",
+            "1",
+            "0",
+        ),
+        Cmd::parse("HGET u gen:phone"),
+        // Released: a tombstone stops a late refresh.
+        Cmd::parse("ZREM c n1/1/1/phone"),
+        Cmd::parse("ZADD r 60000 n1/1/1/phone"),
+        refresh(
+            "n1/1/1/phone",
+            "61000",
+            "31000",
+            "60000",
+            "1700000000000003",
+            "1",
+            "1",
+        ),
+        Cmd::parse("ZRANGE c 0 -1 WITHSCORES"),
+        refresh(
+            "n1/1/1/phone",
+            "61000",
+            "31000",
+            "60000",
+            "1700000000000003",
+            "0",
+            "1",
+        ),
+        Cmd::parse("ZRANGE c 0 -1 WITHSCORES"),
+        Cmd::parse("HGET u gen:phone"),
+        // Tombstones go once expired; no lifetime leaves the key alone.
+        refresh(
+            "n2/1/1/phone",
+            "91000",
+            "70000",
+            "0",
+            "1700000000000004",
+            "1",
+            "1",
+        ),
+        Cmd::parse("ZRANGE r 0 -1 WITHSCORES"),
+        Cmd::parse("SET c x"),
+        refresh(
+            "n2/1/1/phone",
+            "91000",
+            "70000",
+            "0",
+            "1700000000000004",
+            "1",
+            "1",
+        ),
+        Cmd::parse("HGET u gen:phone"),
+    ];
+    both_agree(&cmds);
 }
 
 // ---------------------------------------------------------------------------
@@ -988,7 +1388,7 @@ const SCORES: &[&str] = &[
     "0", "1", "1.5", "-2", "inf", "-inf", "+inf", "0.1", "x", "1e3", "-0", "3",
 ];
 const BOUNDS: &[&str] = &[
-    "-inf", "+inf", "0", "1", "(1", "2", "(2", "1.5", "x", "(x", "inf",
+    "-inf", "+inf", "0", "1", "(1", "2", "(2", "1.5", "x", "(x", "inf", "(", "",
 ];
 const PATTERNS: &[&str] = &[
     "*", "s*", "s?", "?0", "[sz]*", "[^x]*", "[a-i]*", "*1", "\\s*", "nomatch*", "x",
@@ -1082,6 +1482,8 @@ fn command() -> impl Strategy<Value = Vec<Arg>> {
         ])),
         (kh(), m()).prop_map(|(k, f)| vec![L("HSET"), k, f]),
         (kh(), m()).prop_map(|(k, f)| vec![L("HGET"), k, f]),
+        (kh(), m(), v()).prop_map(|(k, f, v)| vec![L("HSETNX"), k, f, v]),
+        (kh(), m(), i()).prop_map(|(k, f, n)| vec![L("HINCRBY"), k, f, n]),
         (kh(), members()).prop_map(|(k, fs)| cmd_of(vec![vec![L("HDEL"), k], fs])),
         kh().prop_map(|k| vec![L("HGETALL"), k]),
         kh().prop_map(|k| vec![L("HLEN"), k]),
@@ -1144,6 +1546,7 @@ fn command() -> impl Strategy<Value = Vec<Arg>> {
             b
         ]),
         (kz(), m()).prop_map(|(k, m)| vec![L("ZSCORE"), k, m]),
+        (kz(), lits(BOUNDS), lits(BOUNDS)).prop_map(|(k, a, b)| vec![L("ZCOUNT"), k, a, b]),
     ];
     prop_oneof![
         3 => strings,

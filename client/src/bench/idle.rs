@@ -11,7 +11,15 @@
 //! 2. open K connections to the server; settle; read both again;
 //! 3. keeping those open (so freed memory cannot be reused and hide a
 //!    cost), open K connections to the relay; settle; read ours again;
-//! 4. close everything.
+//! 4. each connection to the server sends one large frame (a
+//!    [`LARGE_TEXT_BYTES`] text to user 0: the server reads it whole and
+//!    refuses it), one connection at a time, so a frame is freed before the
+//!    next arrives and only what it leaves behind adds up; settle; read the
+//!    server's RSS again: the cost of an idle connection after a large
+//!    frame, which a read buffer kept at its largest frame's size would
+//!    raise by about that size (tungstenite did, before the patch in
+//!    `server/vendor/`);
+//! 5. close everything.
 //!
 //! Only loopback targets (this is a lot of connections), at most
 //! [`super::IDLE_CONNS_MAX`], and never more than the file-descriptor
@@ -24,10 +32,20 @@ use std::time::Duration;
 use im_proto::UserId;
 
 use super::{BenchOptions, Login};
-use crate::Client;
+use crate::{Client, Event};
 
 /// Descriptors kept free for everything else (the load phase, logs).
 const FD_RESERVE: u64 = 256;
+
+/// The text of the large frame each idle connection sends in step 4: a
+/// frame of about 60 KiB, below the server's 64 KiB frame limit. (Each
+/// bench client then keeps a write buffer of that size: tungstenite's
+/// write buffer keeps its largest frame's size. That is this process's
+/// memory, not the server's, and is read before step 4.)
+pub const LARGE_TEXT_BYTES: usize = 60 * 1024;
+
+/// How long the server may take to answer one large frame.
+const LARGE_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the idle measurement found; every figure is `None` when the part
 /// was skipped or could not be measured.
@@ -51,6 +69,15 @@ pub struct IdleReport {
     pub server_rss: Option<(u64, u64)>,
     /// Server RSS growth per idle connection, in bytes.
     pub bytes_per_idle_conn: Option<f64>,
+    /// The server's RSS once every idle connection had also sent one large
+    /// frame, in bytes.
+    pub server_rss_after_large_frame: Option<u64>,
+    /// Server RSS growth per idle connection counted after each had sent
+    /// one large frame, in bytes: against [`Self::bytes_per_idle_conn`],
+    /// what a large frame leaves behind.
+    pub bytes_per_idle_conn_after_large_frame: Option<f64>,
+    /// Large frames the server answered (one per idle connection).
+    pub large_frames_answered: usize,
     /// This process's growth per connection to the server: the client side.
     pub client_bytes_per_idle_conn: Option<f64>,
     /// The relay's growth per idle connection (its share of this process's
@@ -72,12 +99,20 @@ impl fmt::Display for IdleReport {
             self.requested, self.attempted, self.server_opened, self.baseline_opened, self.failed
         )?;
         if let Some((before, after)) = self.server_rss {
-            writeln!(
+            write!(
                 f,
                 "  server RSS {:.1} MiB -> {:.1} MiB",
                 before as f64 / MIB,
                 after as f64 / MIB
             )?;
+            match self.server_rss_after_large_frame {
+                Some(large) => writeln!(
+                    f,
+                    " -> {:.1} MiB after one large frame each",
+                    large as f64 / MIB
+                )?,
+                None => writeln!(f)?,
+            }
         }
         writeln!(
             f,
@@ -85,6 +120,14 @@ impl fmt::Display for IdleReport {
             bytes(self.bytes_per_idle_conn),
             bytes(self.baseline_bytes_per_idle_conn),
             bytes(self.client_bytes_per_idle_conn)
+        )?;
+        writeln!(
+            f,
+            "  per idle connection after one {} KiB frame each: server {} ({} of {} frames answered)",
+            LARGE_TEXT_BYTES / 1024,
+            bytes(self.bytes_per_idle_conn_after_large_frame),
+            self.large_frames_answered,
+            self.server_opened
         )?;
         if self.bytes_per_idle_conn.is_some_and(|b| b < 1024.0) {
             writeln!(
@@ -175,7 +218,7 @@ pub(crate) async fn measure(opts: &BenchOptions, relay_url: &str, nofile: u64) -
         conns = report.attempted,
         "idle memory: opening connections to the server"
     );
-    let server_conns = open(
+    let mut server_conns = open(
         &Login::new(opts, &opts.url),
         users.clone(),
         opts,
@@ -195,6 +238,14 @@ pub(crate) async fn measure(opts: &BenchOptions, relay_url: &str, nofile: u64) -
     report.baseline_opened = relay_conns.len();
     tokio::time::sleep(opts.idle_settle).await;
     let own_with_both = sample(None).await;
+
+    tracing::info!(
+        conns = server_conns.len(),
+        "idle memory: one large frame per connection to the server"
+    );
+    report.large_frames_answered = send_large_frames(&mut server_conns, &mut report.notes).await;
+    tokio::time::sleep(opts.idle_settle).await;
+    let server_after_large = sample(Some(pid)).await;
 
     tracing::info!("idle memory: closing");
     let mut all = server_conns;
@@ -216,6 +267,19 @@ pub(crate) async fn measure(opts: &BenchOptions, relay_url: &str, nofile: u64) -
         }
         Err(e) => report.notes.push(format!("reading the server's RSS: {e}")),
     }
+    match server_after_large {
+        // A figure only when every connection's frame was read.
+        Ok(after) if report.large_frames_answered == report.server_opened => {
+            report.server_rss_after_large_frame = Some(after);
+            report.bytes_per_idle_conn_after_large_frame =
+                per_conn(server_before, after, report.server_opened);
+        }
+        Ok(_) => report.notes.push(format!(
+            "only {} of {} large frames were answered: no figure after large frames",
+            report.large_frames_answered, report.server_opened
+        )),
+        Err(e) => report.notes.push(format!("reading the server's RSS: {e}")),
+    }
     if let (Ok(with_server), Ok(with_both)) = (own_with_server, own_with_both) {
         report.client_bytes_per_idle_conn = per_conn(own_before, with_server, report.server_opened);
         report.baseline_bytes_per_idle_conn =
@@ -224,6 +288,49 @@ pub(crate) async fn measure(opts: &BenchOptions, relay_url: &str, nofile: u64) -
                 .map(|(both, client)| both - client);
     }
     report
+}
+
+/// Step 4: each client sends one [`LARGE_TEXT_BYTES`] text to user 0 and
+/// waits for the server's answer before the next one sends. Returns how
+/// many were answered; notes the first failures.
+async fn send_large_frames(clients: &mut [Client], notes: &mut Vec<String>) -> usize {
+    let text = "x".repeat(LARGE_TEXT_BYTES);
+    let first_id = super::unix_ns();
+    let mut answered = 0;
+    let mut failed = 0;
+    for (i, client) in clients.iter_mut().enumerate() {
+        let id = first_id + i as u64;
+        let answer = async {
+            client
+                .send(UserId(0), &text, id)
+                .await
+                .map_err(|e| e.to_string())?;
+            loop {
+                match client.next_event().await {
+                    Some(Event::SendResult { client_msg_id, .. }) if client_msg_id == id => {
+                        return Ok(());
+                    }
+                    Some(Event::Closed(cause)) => return Err(format!("closed: {cause:?}")),
+                    None => return Err("the connection task ended".to_owned()),
+                    Some(_) => {}
+                }
+            }
+        };
+        match tokio::time::timeout(LARGE_ANSWER_TIMEOUT, answer).await {
+            Ok(Ok(())) => answered += 1,
+            outcome => {
+                failed += 1;
+                if failed <= 3 {
+                    let why = match outcome {
+                        Ok(Err(e)) => e,
+                        _ => format!("no answer within {LARGE_ANSWER_TIMEOUT:?}"),
+                    };
+                    notes.push(format!("a large frame was not answered: {why}"));
+                }
+            }
+        }
+    }
+    answered
 }
 
 /// Logs the users in; returns the clients that made it, noting failures.

@@ -13,7 +13,8 @@
 //!    baseline_msgs_per_s`.
 //! 3. Idle memory ([`idle`]): K logged-in idle connections to the server
 //!    under test, its RSS growth per connection (`/proc/PID/status`), and
-//!    the relay's, measured as this process's growth.
+//!    the relay's, measured as this process's growth; then the server's
+//!    growth per connection again once each has sent one large frame.
 //!
 //! Users: the pairs are `user_base + 2i` → `user_base + 2i + 1`
 //! (100001 → 100002, ...), idle connections `idle_user_base + i`. Message
@@ -208,6 +209,7 @@ impl BenchReport {
             "p999_ms": t.latency.p999_ms.map(|v| round(v, 3)),
             "max_ms": t.latency.max_ms.map(|v| round(v, 3)),
             "bytes_per_idle_conn": self.idle.bytes_per_idle_conn.map(|v| round(v, 0)),
+            "bytes_per_idle_conn_after_large_frame": self.idle.bytes_per_idle_conn_after_large_frame.map(|v| round(v, 0)),
             "baseline_bytes_per_idle_conn": self.idle.baseline_bytes_per_idle_conn.map(|v| round(v, 0)),
             "client_bytes_per_idle_conn": self.idle.client_bytes_per_idle_conn.map(|v| round(v, 0)),
             "idle_conns": self.idle.server_opened,

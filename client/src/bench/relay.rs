@@ -232,7 +232,7 @@ async fn serve(stream: TcpStream, conn: u64, routes: Routes) {
 fn relay_send(routes: &Routes, from: u64, send: pb::Send) -> Body {
     let id = send.client_msg_id;
     let Some(target) = lock(routes).get(&send.to_user_id).map(|r| r.queue.clone()) else {
-        return msg::rejected(id, "recipient offline");
+        return msg::rejected(id, ErrorCode::RecipientOffline, "recipient offline");
     };
     let deliver = Body::Deliver(pb::Deliver {
         from_user_id: from,
@@ -242,8 +242,12 @@ fn relay_send(routes: &Routes, from: u64, send: pb::Send) -> Body {
     });
     match target.try_send(frame(deliver)) {
         Ok(()) => msg::accepted(id, 0),
-        Err(mpsc::error::TrySendError::Full(_)) => msg::rejected(id, "recipient queue full"),
-        Err(mpsc::error::TrySendError::Closed(_)) => msg::rejected(id, "recipient offline"),
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            msg::rejected(id, ErrorCode::Limit, "recipient queue full")
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            msg::rejected(id, ErrorCode::RecipientOffline, "recipient offline")
+        }
     }
 }
 

@@ -12,30 +12,30 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{Node, PATIENCE, chat, delivery, next, send};
 
-const SECRET: &[u8] = b"live-test-secret";
+pub const SECRET: &[u8] = b"live-test-secret";
 
-fn now_s() -> u64 {
+pub fn now_s() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
 }
 
-async fn node(test: &str) -> Node {
+pub async fn node(test: &str) -> Node {
     Node::start_with(Profile::Hardened, test, |c| {
         c.auth_secret = Some(SECRET.to_vec())
     })
     .await
 }
 
-fn options(node: &Node, user: u64, secret: &[u8], device: &str) -> Options {
+pub fn options(node: &Node, user: u64, secret: &[u8], device: &str) -> Options {
     let mut o = Options::new(UserId(user), &node.url);
     o.token = im_proto::token::mint(secret, UserId(user), now_s() + 3600);
     o.device = device.into();
     o
 }
 
-async fn login(node: &Node, user: u64) -> Client {
+pub async fn login(node: &Node, user: u64) -> Client {
     Client::connect(options(node, user, SECRET, "d1"))
         .await
         .expect("login with a valid token")
@@ -106,6 +106,8 @@ async fn the_claimed_user_id_is_ignored_in_favour_of_the_token() {
 #[tokio::test]
 async fn messages_to_an_offline_user_wait_in_its_inbox() {
     let node = node("h_offline").await;
+    // 1002 is a user (it logged in once), now away.
+    crate::support::close(login(&node, 1002).await).await;
     let mut a = login(&node, 1001).await;
     let (accepted, _) = send(&mut a, 1002, "while you were out", 1).await;
     assert!(accepted, "hardened stores for offline recipients");
@@ -134,6 +136,7 @@ async fn a_newer_connection_of_the_same_device_supersedes_the_older_with_4001() 
 #[tokio::test]
 async fn an_ack_for_a_sequence_never_sent_gets_bad_sequence_and_changes_nothing() {
     let node = node("h_bad_ack").await;
+    let _recipient = login(&node, 1002).await;
     let mut ws = raw_login(&node, 1001, 0).await;
     send_body(&mut ws, Body::Ack(pb::Ack { seq: u64::MAX / 2 })).await;
     let error = first_error(&mut ws).await;
@@ -170,7 +173,7 @@ async fn a_resume_point_from_the_future_is_refused_with_1008() {
     node.stop().await;
 }
 
-async fn raw_login(node: &Node, user: u64, resume: u64) -> WebSocketStream<TcpStream> {
+pub async fn raw_login(node: &Node, user: u64, resume: u64) -> WebSocketStream<TcpStream> {
     let addr = node
         .url
         .trim_start_matches("ws://")
@@ -190,13 +193,13 @@ async fn raw_login(node: &Node, user: u64, resume: u64) -> WebSocketStream<TcpSt
     ws
 }
 
-async fn send_body(ws: &mut WebSocketStream<TcpStream>, body: Body) {
+pub async fn send_body(ws: &mut WebSocketStream<TcpStream>, body: Body) {
     ws.send(Message::Binary(im_proto::encode(body)))
         .await
         .unwrap();
 }
 
-async fn first_error(ws: &mut WebSocketStream<TcpStream>) -> pb::Error {
+pub async fn first_error(ws: &mut WebSocketStream<TcpStream>) -> pb::Error {
     loop {
         match tokio::time::timeout(PATIENCE, ws.next()).await {
             Ok(Some(Ok(Message::Binary(b)))) => {

@@ -12,7 +12,8 @@ use tokio::sync::oneshot;
 pub const PATIENCE: Duration = Duration::from_secs(5);
 
 /// One redis-server for the whole test binary; tests use distinct key
-/// prefixes so they never see each other's data.
+/// prefixes so they never see each other's data. A static is never dropped:
+/// the server ends with the test process all the same (see `RedisProcess`).
 pub fn redis() -> &'static RedisProcess {
     static REDIS: OnceLock<RedisProcess> = OnceLock::new();
     REDIS.get_or_init(RedisProcess::start)
@@ -145,6 +146,7 @@ pub async fn send(client: &mut Client, to: u64, text: &str, id: u64) -> (bool, S
                 client_msg_id,
                 accepted,
                 reason,
+                ..
             } if client_msg_id == id => return (accepted, reason),
             Event::Closed(cause) => panic!("closed while waiting for a send result: {cause:?}"),
             _ => {}

@@ -9,6 +9,8 @@
 //!   generated runs hold on hardened, break each seed phase, and reach
 //!   every named dangerous state.
 //! - `reports`: `--junit` and `--timeline` write their files.
+//! - `checkers`: the checkers on hand-made histories: what they must flag,
+//!   and the false alarms they must not raise.
 //! - `bugs`: every guard a scenario names fails it when switched back on,
 //!   and every historical bug is guarded.
 //! - `malformed`: bad scenario files are reported with path and line, and
@@ -18,6 +20,7 @@
 
 mod bench;
 mod bugs;
+mod checkers;
 mod determinism;
 mod generated;
 mod malformed;
