@@ -17,6 +17,9 @@ pub const SENDS: &str = "im_sends_total";
 /// Bytes of envelopes stored in inboxes (hardened): what the messages
 /// themselves add to Redis, before its per-key overhead.
 pub const STORED_BYTES: &str = "im_inbox_stored_bytes_total";
+/// Dedup records written (hardened): each lives `dedup_ttl` (24 h) in
+/// Redis, about 228 bytes (ARCHITECTURE.md, "Redis memory per message").
+pub const DEDUP_RECORDS: &str = "im_dedup_records_total";
 /// Resident memory of the process, in bytes.
 pub const MEMORY: &str = "process_resident_memory_bytes";
 
@@ -47,6 +50,9 @@ pub fn store(status: u8) {
         _ => "inbox_full",
     };
     metrics::counter!(SENDS, "result" => result).increment(1);
+    if status == 1 {
+        metrics::counter!(DEDUP_RECORDS).increment(1);
+    }
 }
 
 pub fn stored_bytes(n: usize) {
@@ -63,6 +69,10 @@ pub fn install_prometheus(addr: SocketAddr) -> anyhow::Result<()> {
     metrics::describe_counter!(PUSHES, "pushes to recipients, by result");
     metrics::describe_counter!(PRESENCE_WRITES, "writes to presence in Redis");
     metrics::describe_counter!(SENDS, "hardened sends, by what the store did");
+    metrics::describe_counter!(
+        DEDUP_RECORDS,
+        "dedup records written; each lives 24 h in Redis, about 228 bytes"
+    );
     metrics::describe_counter!(
         STORED_BYTES,
         metrics::Unit::Bytes,

@@ -88,6 +88,9 @@ pub enum Event {
     },
     /// The simulated Redis executed a write to presence.
     PresenceWrite { command: String },
+    /// The simulated Redis inserted a message into `to`'s inbox (the
+    /// store script's ZADD, seen in its command log).
+    Stored { to: u64, key: MsgKey },
     /// The driver injected (or healed) a fault.
     Fault { what: String },
     /// A phase of the run began (story, heal, liveness, end).
@@ -204,6 +207,7 @@ impl fmt::Display for Event {
                 who(*user, device)
             ),
             Event::PresenceWrite { command } => write!(f, "redis: {command}"),
+            Event::Stored { to, key } => write!(f, "redis: {key} stored in {to}'s inbox"),
             Event::Fault { what } => write!(f, "fault: {what}"),
             Event::Phase { name } => write!(f, "-- {name} --"),
         }

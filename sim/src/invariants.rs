@@ -237,7 +237,7 @@ pub enum Judgement {
 
 /// Judges one message against `no_false_success`.
 pub fn judge(run: &RunResult, lost: &BTreeSet<MsgKey>, f: &MessageFate) -> Judgement {
-    let required = required_devices(run, f.to);
+    let required = promised_devices(run, f);
     if f.send_failed.is_some() {
         return Judgement::NotSent;
     }
@@ -383,35 +383,89 @@ fn required_devices(run: &RunResult, user: u64) -> Vec<&str> {
         .collect()
 }
 
-/// Messages a data-losing Redis restart took: accepted before it and not
-/// delivered anywhere by then. Our store is Redis; a Redis that keeps
-/// nothing on disk and restarts loses them, which no server design can
-/// undo. The fault model therefore assumes a durable store (Redis with
-/// AOF or a replica); these are exempt from `no_false_success` and listed
-/// in its notes.
+/// The devices a message told "sent" must reach (the promise, per
+/// profile): every device of its recipient that the story leaves online;
+/// without an inbox (the seed's phases), only those of them that were
+/// connected when it was sent, since a device that logs in later cannot
+/// receive what was pushed before it existed. None: it must reach some
+/// device, or wait in the stored inbox.
+pub fn promised_devices<'a>(run: &'a RunResult, f: &MessageFate) -> Vec<&'a str> {
+    let mut devices = required_devices(run, f.to);
+    if !run.inbox
+        && let Some(sent) = f.sent_at
+    {
+        let live = live_devices_at(&run.history, sent);
+        devices.retain(|d| live.contains(&(f.to, d.to_string())));
+    }
+    devices
+}
+
+/// Devices with an open connection at `at`, as their clients saw it.
+fn live_devices_at(history: &History, at: Duration) -> BTreeSet<(u64, String)> {
+    let mut live = BTreeMap::<(u64, String), u64>::new();
+    for r in history.records.iter().take_while(|r| r.at <= at) {
+        match &r.event {
+            Event::Connected {
+                user, device, conn, ..
+            } => {
+                live.insert((*user, device.clone()), *conn);
+            }
+            Event::Closed {
+                user, device, conn, ..
+            } => {
+                let dev = (*user, device.clone());
+                if live.get(&dev) == Some(conn) {
+                    live.remove(&dev);
+                }
+            }
+            _ => {}
+        }
+    }
+    live.into_keys().collect()
+}
+
+/// Messages a data-losing Redis restart took: accepted, last stored (by
+/// Redis's own clock: the insert it executed, not when the sender heard
+/// "sent") before an empty restart, and not delivered anywhere by then.
+/// Our store is Redis; a Redis that keeps nothing on disk and restarts
+/// loses them, which no server design can undo. The fault model therefore
+/// assumes a durable store (Redis with AOF or a replica); these are exempt
+/// from `no_false_success` and listed in its notes. (Without an inbox, the
+/// seed's phases, "stored" is when the sender heard "sent".)
 pub fn lost_with_redis(history: &History) -> BTreeSet<MsgKey> {
-    let mut accepted = BTreeSet::new();
-    let mut delivered = BTreeSet::new();
-    let mut lost = BTreeSet::new();
-    for e in history.events() {
-        match e {
+    let mut last_stored = BTreeMap::<MsgKey, Duration>::new();
+    let mut stored_when_accepted = BTreeMap::<MsgKey, Duration>::new();
+    let mut first_delivery = BTreeMap::<MsgKey, Duration>::new();
+    let mut restarts = Vec::new();
+    for r in &history.records {
+        match &r.event {
+            Event::Stored { key, .. } => {
+                last_stored.insert(*key, r.at);
+            }
             Event::SendResult {
                 key,
                 accepted: true,
                 ..
             } => {
-                accepted.insert(*key);
+                let at = last_stored.get(key).copied().unwrap_or(r.at);
+                stored_when_accepted.entry(*key).or_insert(at);
             }
             Event::Delivered { key, .. } => {
-                delivered.insert(*key);
+                first_delivery.entry(*key).or_insert(r.at);
             }
-            Event::Fault { what } if what == "redis restarts empty" => {
-                lost.extend(accepted.difference(&delivered).copied());
-            }
+            Event::Fault { what } if what == "redis restarts empty" => restarts.push(r.at),
             _ => {}
         }
     }
-    lost
+    stored_when_accepted
+        .into_iter()
+        .filter(|(key, stored)| {
+            restarts.iter().any(|restart| {
+                stored < restart && first_delivery.get(key).is_none_or(|d| d > restart)
+            })
+        })
+        .map(|(key, _)| key)
+        .collect()
 }
 
 fn no_false_success(run: &RunResult) -> Verdict {

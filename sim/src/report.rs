@@ -159,6 +159,7 @@ fn key_of(e: &Event) -> Option<crate::history::MsgKey> {
         | Event::SendFailed { key, .. }
         | Event::SendResult { key, .. }
         | Event::SendRetry { key, .. }
+        | Event::Stored { key, .. }
         | Event::Delivered { key, .. } => Some(*key),
         _ => None,
     }
@@ -686,6 +687,8 @@ pub fn timeline(o: &Outcome) -> String {
             Event::PresenceWrite { command } => {
                 let _ = writeln!(out, "    Note over R: {t} {}", clean(command));
             }
+            // The sends and answers around it already tell the story.
+            Event::Stored { .. } => {}
             Event::Fault { what } => {
                 let _ = writeln!(out, "    Note over {span}: {t} fault {}", clean(what));
             }

@@ -61,6 +61,10 @@ pub struct RunResult {
     pub elapsed: Duration,
     /// Every frame the nodes wrote, seen at their sockets.
     pub wire: Vec<WireRecord>,
+    /// Whether the server keeps an inbox (hardened): a device that logs in
+    /// after a message was sent still receives it. The seed's phases push
+    /// only to connections that exist when the message is sent.
+    pub inbox: bool,
 }
 
 /// A turmoil listener behind the server's transport seam; each accepted
@@ -837,6 +841,7 @@ pub fn run(
         .unwrap_or_else(|rc| rc.borrow().clone());
     merge_presence_writes(&mut history, &redis);
     Ok(RunResult {
+        inbox: profile.switches().hardened,
         history,
         redis_online,
         intended_online,
@@ -929,14 +934,32 @@ fn intended_online(scenario: &Scenario) -> BTreeSet<Dev> {
         .collect()
 }
 
-/// Adds the presence writes Redis executed (SADD/SREM/DEL on presence
-/// keys) to the history, in time order after events of the same instant.
+/// Adds the presence writes Redis executed (SADD/SREM, lease ZADD/ZREM)
+/// and the messages it inserted into inboxes to the history, in time
+/// order after events of the same instant.
 fn merge_presence_writes(history: &mut History, redis: &SharedRedis) {
     for cmd in redis.command_log() {
         let Some(name) = cmd.args.first() else {
             continue;
         };
         let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+        if name == "ZADD"
+            && !cmd.failed
+            && let (Some(key), Some(member)) = (cmd.args.get(1), cmd.args.get(3))
+            && let Some(to) = std::str::from_utf8(key)
+                .ok()
+                .and_then(|k| k.strip_prefix("im:{u:"))
+                .and_then(|k| k.strip_suffix("}:inbox"))
+                .and_then(|id| id.parse::<u64>().ok())
+            && let Ok(d) = im_server::inbox::entry(member)
+        {
+            let key = MsgKey {
+                from: d.from_user_id,
+                id: d.client_msg_id,
+            };
+            history.push(cmd.at, Event::Stored { to, key });
+            continue;
+        }
         let lease = matches!(name.as_str(), "ZADD" | "ZREM")
             && cmd.args.get(1).is_some_and(|k| k.ends_with(b":conns"));
         if !(matches!(name.as_str(), "SADD" | "SREM") || lease) || cmd.failed {

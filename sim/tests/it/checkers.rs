@@ -71,6 +71,7 @@ fn run(history: History, online: &[(u64, &str)]) -> RunResult {
         stored_twice: BTreeSet::new(),
         elapsed: ms(10_000),
         wire: Vec::new(),
+        inbox: true,
     }
 }
 
@@ -158,4 +159,102 @@ fn a_reused_id_for_another_text_is_another_message() {
     let online = [(1001, "phone"), (1002, "phone")];
     let v = verdict(&run(h, &online), Invariant::NoFalseSuccess);
     assert!(!v.holds(), "the second message was told sent and lost");
+}
+
+#[test]
+fn without_an_inbox_a_device_that_logs_in_later_is_not_owed_earlier_messages() {
+    let mut h = History::default();
+    connected(&mut h, 0, 1001, "phone");
+    connected(&mut h, 0, 1002, "phone");
+    sent(&mut h, 10, 1002, "phone", 1, 1001, "before the laptop");
+    delivered(&mut h, 20, 1001, "phone", 1002, 1, "before the laptop");
+    connected(&mut h, 30, 1001, "laptop");
+    let online = [(1001, "phone"), (1001, "laptop"), (1002, "phone")];
+    let mut seed_phase = run(h.clone(), &online);
+    seed_phase.inbox = false;
+    let v = verdict(&seed_phase, Invariant::NoFalseSuccess);
+    assert!(
+        v.holds(),
+        "a phase server cannot push to a device that did not exist: {:?}",
+        v.problems
+    );
+    // With an inbox the laptop resumes from the start: it is owed the message.
+    let v = verdict(&run(h, &online), Invariant::NoFalseSuccess);
+    assert!(
+        !v.holds(),
+        "hardened promises every device online at the end"
+    );
+}
+
+#[test]
+fn a_message_stored_before_an_empty_restart_is_exempt_even_if_sent_was_heard_after() {
+    let mut h = History::default();
+    connected(&mut h, 0, 1001, "phone");
+    connected(&mut h, 0, 1002, "phone");
+    h.push(
+        ms(10),
+        Event::Sent {
+            key: key(1001, 1),
+            device: "phone".into(),
+            to: 1002,
+            text: "m".into(),
+            probe: false,
+        },
+    );
+    // Redis inserted it at 11 ms, restarted empty at 12 ms; the sender
+    // heard "sent" at 13 ms. The message went with Redis's data.
+    h.push(
+        ms(11),
+        Event::Stored {
+            to: 1002,
+            key: key(1001, 1),
+        },
+    );
+    h.push(
+        ms(12),
+        Event::Fault {
+            what: "redis restarts empty".into(),
+        },
+    );
+    h.push(
+        ms(13),
+        Event::SendResult {
+            key: key(1001, 1),
+            accepted: true,
+            reason: String::new(),
+        },
+    );
+    let online = [(1001, "phone"), (1002, "phone")];
+    let v = verdict(&run(h.clone(), &online), Invariant::NoFalseSuccess);
+    assert!(v.holds(), "{:?}", v.problems);
+    assert_eq!(v.notes.len(), 1, "{:?}", v.notes);
+
+    // Stored again after the restart (a retry), then told sent: owed.
+    h.push(
+        ms(14),
+        Event::Stored {
+            to: 1002,
+            key: key(1001, 1),
+        },
+    );
+    let mut h2 = History::default();
+    for r in h.records {
+        if matches!(r.event, Event::SendResult { .. }) {
+            continue;
+        }
+        h2.records.push(r);
+    }
+    h2.push(
+        ms(15),
+        Event::SendResult {
+            key: key(1001, 1),
+            accepted: true,
+            reason: String::new(),
+        },
+    );
+    let v = verdict(&run(h2, &online), Invariant::NoFalseSuccess);
+    assert!(
+        !v.holds(),
+        "stored after the restart and never delivered: a lie"
+    );
 }
