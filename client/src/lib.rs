@@ -125,6 +125,12 @@ pub struct Options {
     pub device: String,
     /// Hardened: the highest inbox sequence this device already has.
     pub resume_after_seq: u64,
+    /// Hardened: this connection's place among the device's connections
+    /// (`Login.connection_seq`): higher for every new attempt, across app
+    /// restarts too (start it from the clock). 0: the server numbers
+    /// connections in the order their logins arrive. The resilient client
+    /// counts up from it, one per attempt.
+    pub connection_seq: u64,
     /// A clean close waits this long for the server's close reply, then
     /// drops the socket and reports the close done anyway (a dead path
     /// never answers).
@@ -144,6 +150,7 @@ impl Options {
             token: String::new(),
             device: String::new(),
             resume_after_seq: 0,
+            connection_seq: 0,
             close_timeout: Duration::from_secs(5),
         }
     }
@@ -249,6 +256,7 @@ impl Client {
             token: options.token.clone(),
             device_id: options.device.clone(),
             resume_after_seq: options.resume_after_seq,
+            connection_seq: options.connection_seq,
         });
         ws.send(Message::Binary(im_proto::encode(login))).await?;
         let ok = loop {

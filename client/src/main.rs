@@ -179,6 +179,11 @@ async fn chat(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(token) = token {
         options.token = token;
         options.device = args.device.clone();
+        // This run's connections outrank every earlier run's of the device.
+        options.connection_seq = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64
+            * 1000;
         return hardened(args, options, interactive).await;
     }
     let mut client = Client::connect(options)

@@ -117,6 +117,7 @@ enum Cmd {
 /// then nothing ever waits for good. Nothing is refused for want of room.
 pub struct Resilient {
     commands: mpsc::Sender<Cmd>,
+    controls: mpsc::Sender<Cmd>,
     events: mpsc::Receiver<ResilientEvent>,
 }
 
@@ -124,6 +125,7 @@ pub struct Resilient {
 #[derive(Clone, Debug)]
 pub struct ResilientSender {
     commands: mpsc::Sender<Cmd>,
+    controls: mpsc::Sender<Cmd>,
 }
 
 impl ResilientSender {
@@ -158,26 +160,74 @@ impl ResilientSender {
     }
 
     async fn command(&self, cmd: Cmd) -> Result<(), crate::ClientError> {
-        self.commands
-            .send(cmd)
-            .await
-            .map_err(|_| crate::ClientError::Closed)
+        route(&self.commands, &self.controls, cmd).await
+    }
+}
+
+/// Sends go to the bounded send queue (which waits while the outbox is
+/// full); controls (close, reconnect, pause) to their own queue, which the
+/// client always takes, so a caller can, say, resume reading while its
+/// sends wait for answers that only reading will bring.
+async fn route(
+    commands: &mpsc::Sender<Cmd>,
+    controls: &mpsc::Sender<Cmd>,
+    cmd: Cmd,
+) -> Result<(), crate::ClientError> {
+    let queue = match cmd {
+        Cmd::Send { .. } => commands,
+        _ => controls,
+    };
+    queue
+        .send(cmd)
+        .await
+        .map_err(|_| crate::ClientError::Closed)
+}
+
+/// What the client's loop takes in: controls first, always; sends only
+/// while the outbox has room.
+struct Inputs {
+    sends: mpsc::Receiver<Cmd>,
+    controls: mpsc::Receiver<Cmd>,
+}
+
+impl Inputs {
+    /// The next command; `None` once every handle is gone.
+    async fn next(&mut self, room: bool) -> Option<Cmd> {
+        tokio::select! {
+            biased;
+            ctl = self.controls.recv() => ctl,
+            cmd = self.sends.recv(), if room => match cmd {
+                Some(cmd) => Some(cmd),
+                // No sender left, but the controls say when to stop.
+                None => std::future::pending().await,
+            },
+        }
     }
 }
 
 impl Resilient {
     /// Starts connecting in the background (on the current runtime).
     pub fn start(dial: Dial, options: Options, resilience: Resilience) -> Resilient {
-        let (commands, rx) = mpsc::channel(options.commands_max);
+        let (commands, sends) = mpsc::channel(options.commands_max);
+        let (controls, control_rx) = mpsc::channel(CONTROLS_MAX);
         let (tx, events) = mpsc::channel(options.events_max);
-        tokio::spawn(run(dial, options, resilience, rx, tx));
-        Resilient { commands, events }
+        let inputs = Inputs {
+            sends,
+            controls: control_rx,
+        };
+        tokio::spawn(run(dial, options, resilience, inputs, tx));
+        Resilient {
+            commands,
+            controls,
+            events,
+        }
     }
 
     /// A handle for sending while this one reads events.
     pub fn sender(&self) -> ResilientSender {
         ResilientSender {
             commands: self.commands.clone(),
+            controls: self.controls.clone(),
         }
     }
 
@@ -216,12 +266,12 @@ impl Resilient {
     }
 
     async fn command(&self, cmd: Cmd) -> Result<(), crate::ClientError> {
-        self.commands
-            .send(cmd)
-            .await
-            .map_err(|_| crate::ClientError::Closed)
+        route(&self.commands, &self.controls, cmd).await
     }
 }
+
+/// Controls waiting for the client's loop (it takes them at once).
+const CONTROLS_MAX: usize = 16;
 
 struct State {
     last_seq: u64,
@@ -344,7 +394,7 @@ async fn run(
     dial: Dial,
     options: Options,
     r: Resilience,
-    mut commands: mpsc::Receiver<Cmd>,
+    mut commands: Inputs,
     events: mpsc::Sender<ResilientEvent>,
 ) {
     let mut st = State {
@@ -355,9 +405,16 @@ async fn run(
         paused: false,
     };
     let mut backoff = r.backoff_min;
+    // Each attempt a higher connection_seq (when the app gave a start), so
+    // a login of an attempt abandoned here cannot outrank a later one.
+    let mut connection_seq = options.connection_seq;
     loop {
         let mut opts = options.clone();
         opts.resume_after_seq = st.last_seq;
+        opts.connection_seq = connection_seq;
+        if connection_seq > 0 {
+            connection_seq += 1;
+        }
         let attempt = tokio::time::timeout(options.login_timeout, async {
             let stream = dial().await.map_err(crate::ClientError::Connect)?;
             Client::connect_over(stream, opts).await
@@ -370,7 +427,7 @@ async fn run(
         let outcome = loop {
             tokio::select! {
                 biased;
-                cmd = commands.recv(), if st.outbox.len() < r.pending_max => match cmd {
+                cmd = commands.next(st.outbox.len() < r.pending_max) => match cmd {
                     Some(Cmd::Send { to, text, id }) => {
                         st.outbox.push(to, text, id);
                     }
@@ -429,7 +486,7 @@ async fn run(
             }
             tokio::select! {
                 biased;
-                cmd = commands.recv(), if !stopping && st.outbox.len() < r.pending_max => match cmd {
+                cmd = commands.next(st.outbox.len() < r.pending_max), if !stopping => match cmd {
                     Some(Cmd::Send { to, text, id }) => {
                         if st.outbox.push(to, text.clone(), id) {
                             put_on_wire(&client, &mut st, &r, id, to, &text).await;
@@ -524,7 +581,7 @@ async fn run(
 /// queue up (while there is room), Reconnect cuts the wait short. Returns
 /// true on Close.
 async fn wait_or_stop(
-    commands: &mut mpsc::Receiver<Cmd>,
+    commands: &mut Inputs,
     st: &mut State,
     r: &Resilience,
     delay: Duration,
@@ -533,7 +590,7 @@ async fn wait_or_stop(
     loop {
         tokio::select! {
             biased;
-            cmd = commands.recv(), if st.outbox.len() < r.pending_max => match cmd {
+            cmd = commands.next(st.outbox.len() < r.pending_max) => match cmd {
                 Some(Cmd::Send { to, text, id }) => {
                     st.outbox.push(to, text, id);
                 }

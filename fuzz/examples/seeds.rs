@@ -57,6 +57,7 @@ fn hard_login(user: u64, device: &str, resume: u64) -> Frame {
         token: tok(user),
         device_id: device.to_owned(),
         resume_after_seq: resume,
+        ..Default::default()
     }))
 }
 
@@ -154,6 +155,7 @@ fn logical() -> Vec<(&'static str, u8, Vec<Vec<Frame>>)> {
                 token: tok(1001).replace("v1.1001.", "v1.1002."),
                 device_id: "phone".into(),
                 resume_after_seq: 0,
+                ..Default::default()
             }))]],
         ),
         ("hardened-no-token", HARDENED, vec![vec![login(1001)]]),
@@ -422,6 +424,7 @@ fn proto() -> Vec<(&'static str, Vec<u8>)> {
                 token: tok(1001),
                 device_id: "phone".into(),
                 resume_after_seq: 5,
+                ..Default::default()
             }),
         ),
         (

@@ -203,10 +203,14 @@ pub enum Bug {
     /// Hardened: a connection learns it was superseded only from the
     /// doorbell; when pub/sub loses it, nothing repairs it.
     NoSupersedeRepair,
+    /// Hardened: connections are numbered in the order their logins reach
+    /// Redis, ignoring the client's connection counter, so a login delayed
+    /// in the network supersedes the device's newer connection.
+    SupersedeByArrival,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 24] = [
+    pub const ALL: [Bug; 25] = [
         Bug::Phase1Cleanup,
         Bug::Phase3CleanupByUser,
         Bug::SentBeforeStored,
@@ -231,6 +235,7 @@ impl Bug {
         Bug::UnorderedSupersede,
         Bug::StaleRefreshResurrects,
         Bug::NoSupersedeRepair,
+        Bug::SupersedeByArrival,
     ];
 
     pub fn name(self) -> &'static str {
@@ -259,6 +264,60 @@ impl Bug {
             Bug::UnorderedSupersede => "unordered_supersede",
             Bug::StaleRefreshResurrects => "stale_refresh_resurrects",
             Bug::NoSupersedeRepair => "no_supersede_repair",
+            Bug::SupersedeByArrival => "supersede_by_arrival",
+        }
+    }
+
+    /// What the bug does, in one line (for `im-sim bugs`).
+    pub fn summary(self) -> &'static str {
+        match self {
+            Bug::Phase1Cleanup => {
+                "a disconnect leaves presence behind (the seed never did SREM online_users)"
+            }
+            Bug::Phase3CleanupByUser => {
+                "cleanup by user id: an old connection's late cleanup ends the user's newer ones"
+            }
+            Bug::SentBeforeStored => "\"sent\" for a send whose store failed",
+            Bug::NoHeartbeatTimeout => "a silent peer is never timed out",
+            Bug::NoResume => "a reconnect gets only new messages; what was missed is skipped",
+            Bug::NoDedup => "a retried send is stored again",
+            Bug::NoSupersede => "a newer connection of a device does not end the older one",
+            Bug::NoLeaseExpiry => "leases never expire: a crashed node's users stay online",
+            Bug::SeqRestartsFromZero => "sequence numbers restart at 0 after Redis loses its data",
+            Bug::NoDoorbells => "no doorbell: a recipient on another node waits for its poll",
+            Bug::SeqTakenBeforeStore => {
+                "number and insert in two round trips: concurrent stores land out of order"
+            }
+            Bug::RepliesDroppedWhenQueueFull => {
+                "a reply is dropped when the outbound queue is full"
+            }
+            Bug::InboxTrimsUndelivered => {
+                "the inbox trims messages no device has, after they were told sent"
+            }
+            Bug::DedupByIdOnly => {
+                "a reused id with another text is answered sent and dropped; id 0 accepted"
+            }
+            Bug::SigtermKills => "SIGTERM kills the process: no drain, leases left",
+            Bug::BuffersKeepLargeFrames => {
+                "a connection keeps buffers the size of its largest frame for good"
+            }
+            Bug::UnknownRecipientsStored => "any id is a recipient and keys never expire",
+            Bug::UnlimitedStrings => "device ids and texts have no limit below the frame size",
+            Bug::LenientTokens => "+ID, 000ID and an uppercase signature are the same token",
+            Bug::SlowRedisRecovery => "a lost Redis connection is noticed only by the next command",
+            Bug::SubscriptionRace => {
+                "a logout's UNSUBSCRIBE and a login's SUBSCRIBE cross: the node goes deaf"
+            }
+            Bug::UnorderedSupersede => {
+                "a supersede closes every other connection of the device, newer ones too"
+            }
+            Bug::StaleRefreshResurrects => {
+                "a lease refresh delayed in Redis brings back a released lease"
+            }
+            Bug::NoSupersedeRepair => "a supersede whose doorbell was lost is never repaired",
+            Bug::SupersedeByArrival => {
+                "a login delayed in the network supersedes the device's newer connection"
+            }
         }
     }
 

@@ -133,6 +133,38 @@ end
 return 1
 ";
 
+/// Gives a login its place among its device's connections, and renews the
+/// user record's retention.
+///
+/// KEYS: the user's `user` record. ARGV: 1 the device's generation field,
+/// 2 the generation the client declared (its connection counter; `0`: the
+/// server numbers it), 3 the counter's start when the server numbers
+/// (unix ms × 1000), 4 the retention in ms (0: none).
+///
+/// Answers `{generation, newest}` as decimal strings: with a declared
+/// generation below one already recorded, `newest` is that one and
+/// nothing changes (the login is stale); otherwise the generation is
+/// recorded and `newest` equals it.
+pub const GENERATION: &str = r"
+local newest = redis.call('HGET', KEYS[1], ARGV[1])
+local mine = ARGV[2]
+if mine == '0' then
+  redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+  mine = redis.call('HGET', KEYS[1], ARGV[1])
+  newest = mine
+elseif newest and tonumber(newest) > tonumber(mine) then
+  return {mine, newest}
+else
+  redis.call('HSET', KEYS[1], ARGV[1], mine)
+  newest = mine
+end
+if tonumber(ARGV[4]) > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return {mine, newest}
+";
+
 /// Every script, for those who must know them all (the simulation's
 /// Redis model).
-pub const ALL: [&str; 3] = [STORE, ACK, LEASE_REFRESH];
+pub const ALL: [&str; 4] = [STORE, ACK, LEASE_REFRESH, GENERATION];

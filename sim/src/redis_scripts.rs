@@ -34,6 +34,7 @@ pub const KNOWN: &[(&str, Native)] = &[
     (scripts::STORE, store),
     (scripts::ACK, ack),
     (scripts::LEASE_REFRESH, lease_refresh),
+    (scripts::GENERATION, generation),
 ];
 
 /// [`KNOWN`] by SHA1 (lowercase hex).
@@ -222,4 +223,37 @@ fn lease_refresh(r: &mut dyn Call, keys: &[Bytes], argv: &[Bytes]) -> Result<Rep
         r.call(&[b"PEXPIRE", user, retention])?;
     }
     Ok(Reply::Integer(1))
+}
+
+/// [`scripts::GENERATION`].
+fn generation(r: &mut dyn Call, keys: &[Bytes], argv: &[Bytes]) -> Result<Reply, Reply> {
+    let user = arg(keys, 1)?;
+    let field = arg(argv, 1)?;
+    let mut newest = bulk(r.call(&[b"HGET", user, field])?);
+    let mut mine = Bytes::copy_from_slice(arg(argv, 2)?);
+    if &mine[..] == b"0" {
+        r.call(&[b"HSETNX", user, field, arg(argv, 3)?])?;
+        r.call(&[b"HINCRBY", user, field, b"1"])?;
+        mine = bulk(r.call(&[b"HGET", user, field])?)
+            .ok_or_else(|| Reply::error("ERR model: HGET after HINCRBY gave nil"))?;
+        newest = Some(mine.clone());
+    } else if let Some(n) = &newest
+        && num(n)? > num(&mine)?
+    {
+        return Ok(Reply::Array(Some(vec![
+            Reply::bulk(mine),
+            Reply::bulk(n.clone()),
+        ])));
+    } else {
+        r.call(&[b"HSET", user, field, &mine])?;
+        newest = Some(mine.clone());
+    }
+    let retention = arg(argv, 4)?;
+    if num(retention)? > 0.0 {
+        r.call(&[b"PEXPIRE", user, retention])?;
+    }
+    Ok(Reply::Array(Some(vec![
+        Reply::bulk(mine),
+        Reply::bulk(newest.unwrap_or_default()),
+    ])))
 }

@@ -1061,6 +1061,44 @@ fn ack_script_matches_real_redis() {
     both_agree(&cmds);
 }
 
+/// The generation script: numbered by the server from the clock (after a
+/// loss too), declared by the client, a stale declaration refused, 16
+/// digits, retention, a wrong type.
+#[test]
+fn generation_script_matches_real_redis() {
+    let generation = |by: &str, key: &str, mine: &str, retention: &str| {
+        eval(
+            im_server::scripts::GENERATION,
+            by,
+            &[key],
+            &[
+                b"gen:phone",
+                mine.as_bytes(),
+                b"1700000000000000",
+                retention.as_bytes(),
+            ],
+        )
+    };
+    let cmds = vec![
+        Cmd::parse("SCRIPT FLUSH"),
+        generation("src", "u", "0", "0"),
+        generation("sha", "u", "0", "60000"),
+        Cmd::parse("HGETALL u"),
+        Cmd::parse("PTTL u"),
+        generation("sha", "u", "1700000000000005", "0"),
+        generation("sha", "u", "1700000000000004", "0"),
+        generation("sha", "u", "1700000000000005", "0"),
+        generation("sha", "u", "0", "0"),
+        Cmd::parse("HGET u gen:phone"),
+        generation("sha", "v", "1800000000000001", "0"),
+        Cmd::parse("HGETALL v"),
+        Cmd::parse("SET s x"),
+        generation("sha", "s", "0", "0"),
+        generation("sha", "s", "7", "0"),
+    ];
+    both_agree(&cmds);
+}
+
 /// The lease refresh: writes and prunes, honours tombstones, finds a newer
 /// generation (and ignores it when told to), writes the generation back
 /// after a loss, keeps the key lifetimes.

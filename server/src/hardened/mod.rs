@@ -243,41 +243,47 @@ pub(crate) async fn login(
     let start = store::seq_start_value(shared);
     let retention = retention_ms(cfg);
     // The counter's start, the inbox's two ends, and this connection's
-    // generation (starting, like sequence numbers, from the clock, so that
-    // after Redis lost its data a new connection still outranks an old one).
-    let mut pipe = redis::pipe();
-    pipe.cmd("SET")
-        .arg(&k.seq)
-        .arg(start)
-        .arg("NX")
-        .ignore()
-        .cmd("GET")
-        .arg(&k.seq)
-        .cmd("ZRANGE")
-        .arg(&k.inbox)
-        .arg(0)
-        .arg(0)
-        .cmd("HSETNX")
-        .arg(&k.user)
+    // generation: the client's connection counter when it declares one (a
+    // login delayed in the network then cannot outrank the device's newer
+    // connection), else numbered here in arrival order from the clock (so
+    // that after Redis lost its data a new connection still outranks an
+    // old one).
+    let declared = if cfg.has(Bug::SupersedeByArrival) {
+        0
+    } else {
+        login.connection_seq
+    };
+    let generation_call = store::Eval::new(&GENERATION_SCRIPT, crate::scripts::GENERATION)
+        .key(k.user.clone())
         .arg(&generation_field)
+        .arg(declared)
         .arg(start)
-        .ignore()
-        .cmd("HINCRBY")
-        .arg(&k.user)
-        .arg(&generation_field)
-        .arg(1);
-    if retention > 0 {
-        pipe.cmd("PEXPIRE")
-            .arg(&k.user)
-            .arg(retention)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&k.seq)
-            .arg(retention)
-            .ignore();
+        .arg(retention);
+    let (last, first, (generation, newest)): (u64, Vec<Vec<u8>>, (u64, u64)) = generation_call
+        .run_in(shared, |pipe, call| {
+            pipe.cmd("SET")
+                .arg(&k.seq)
+                .arg(start)
+                .arg("NX")
+                .ignore()
+                .cmd("GET")
+                .arg(&k.seq)
+                .cmd("ZRANGE")
+                .arg(&k.inbox)
+                .arg(0)
+                .arg(0);
+            call(pipe);
+            if retention > 0 {
+                pipe.cmd("PEXPIRE").arg(&k.seq).arg(retention).ignore();
+            }
+        })
+        .await
+        .map_err(unavailable)?;
+    if newest > generation {
+        return Err(superseded_at_login(&format!(
+            "this login's connection_seq {generation} is below the device's {newest}"
+        )));
     }
-    let (last, first, generation): (u64, Vec<Vec<u8>>, u64) =
-        shared.redis.query_pipe(&pipe).await.map_err(unavailable)?;
     let first = first
         .first()
         .and_then(|m| crate::inbox::entry_seq(m).ok())
@@ -616,6 +622,9 @@ pub(crate) async fn flush_acks(shared: &Shared, attached: &mut Attached) -> Resu
     attached.acked_written = acked;
     Ok(())
 }
+
+static GENERATION_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(crate::scripts::GENERATION));
 
 static ACK_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(crate::scripts::ACK));

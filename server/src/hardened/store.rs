@@ -95,6 +95,32 @@ impl<'a> Eval<'a> {
         }
     }
 
+    /// Runs a pipeline that `build` makes, calling `call` where the script
+    /// goes; on NOSCRIPT (a restarted Redis) it runs again with EVAL, so
+    /// the commands around the script must bear running twice. Returns the
+    /// whole pipeline's replies.
+    pub(crate) async fn run_in<T: FromRedisValue>(
+        &self,
+        shared: &Shared,
+        build: impl Fn(&mut redis::Pipeline, &dyn Fn(&mut redis::Pipeline)),
+    ) -> Result<T, RedisError> {
+        let make = |by_source: bool| {
+            let mut pipe = redis::pipe();
+            build(&mut pipe, &|p: &mut redis::Pipeline| {
+                self.add_to(p, by_source)
+            });
+            pipe
+        };
+        match shared.redis.query_pipe(&make(false)).await {
+            Err(RedisError::Command(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                shared.redis.query_pipe(&make(true)).await
+            }
+            other => other,
+        }
+    }
+
     /// Runs the script with `tail` (commands whose replies are ignored)
     /// pipelined behind it, in one round trip; returns the script's reply.
     pub(crate) async fn run<T: FromRedisValue>(

@@ -188,6 +188,7 @@ pub async fn raw_login(node: &Node, user: u64, resume: u64) -> WebSocketStream<T
         token: im_proto::token::mint(SECRET, UserId(user), now_s() + 60),
         device_id: "raw".into(),
         resume_after_seq: resume,
+        ..Default::default()
     });
     send_body(&mut ws, login).await;
     ws
