@@ -189,6 +189,7 @@ pub fn soak_scenario(users: usize, minutes: u64, seed: u64, tick: Duration) -> S
                 user: user(i),
                 device: DEFAULT_DEVICE.into(),
                 node: 1 + (i as u64 % SOAK_NODES),
+                via: None,
             },
         );
     }
@@ -233,6 +234,7 @@ pub fn soak_scenario(users: usize, minutes: u64, seed: u64, tick: Duration) -> S
                             user: user(i),
                             device: dev,
                             node: None,
+                            via: None,
                         },
                     );
                     away[i].push((t, back + Duration::from_secs(1)));
@@ -245,6 +247,7 @@ pub fn soak_scenario(users: usize, minutes: u64, seed: u64, tick: Duration) -> S
                             user: user(i),
                             device: dev,
                             node: None,
+                            via: None,
                         },
                     );
                     away[i].push((t, t + Duration::from_secs(1)));
@@ -304,6 +307,7 @@ pub fn soak_scenario(users: usize, minutes: u64, seed: u64, tick: Duration) -> S
             ..Expect::default()
         },
         trailing_end: crate::generate::story_end(&steps),
+        addresses: Default::default(),
         steps,
     }
 }
@@ -346,6 +350,7 @@ pub fn reconnect_scenario(seed: u64) -> Scenario {
                 user: ALICE,
                 device: dev(),
                 node: 1,
+                via: None,
             },
         },
         TimedStep {
@@ -354,6 +359,7 @@ pub fn reconnect_scenario(seed: u64) -> Scenario {
                 user: BOB,
                 device: dev(),
                 node: 1,
+                via: None,
             },
         },
         send(25, STORY[0]),
@@ -365,6 +371,7 @@ pub fn reconnect_scenario(seed: u64) -> Scenario {
                 user: BOB,
                 device: dev(),
                 node: None,
+                via: None,
             },
         },
         send(41, STORY[1]),
@@ -395,6 +402,7 @@ pub fn reconnect_scenario(seed: u64) -> Scenario {
             ..Expect::default()
         },
         trailing_end: story_end(&steps),
+        addresses: Default::default(),
         steps,
     }
 }

@@ -40,10 +40,18 @@ pub enum Sometimes {
     CleanupWhileCutFromRedis,
     /// A connection was superseded (4001) by a newer one of its device.
     Superseded,
+    /// A send was refused because its recipient's backlog was full (the
+    /// inbox at its limit: "retry later", never "sent").
+    InboxAtLimit,
+    /// Redis restarted between a send and its answer.
+    SendStraddlingRedisRestart,
+    /// A path's traffic was held, then released in order (a delayed close
+    /// or FIN arriving late).
+    HeldThenReleased,
 }
 
 impl Sometimes {
-    pub const ALL: [Sometimes; 7] = [
+    pub const ALL: [Sometimes; 10] = [
         Sometimes::ReconnectWhileOldOpen,
         Sometimes::LateCleanupAfterReconnect,
         Sometimes::PushToHalfOpenPeer,
@@ -51,6 +59,9 @@ impl Sometimes {
         Sometimes::RedisRestartBetweenSendAndDelivery,
         Sometimes::CleanupWhileCutFromRedis,
         Sometimes::Superseded,
+        Sometimes::InboxAtLimit,
+        Sometimes::SendStraddlingRedisRestart,
+        Sometimes::HeldThenReleased,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +75,9 @@ impl Sometimes {
             }
             Sometimes::CleanupWhileCutFromRedis => "cleanup_while_cut_from_redis",
             Sometimes::Superseded => "superseded",
+            Sometimes::InboxAtLimit => "inbox_at_limit",
+            Sometimes::SendStraddlingRedisRestart => "send_straddling_redis_restart",
+            Sometimes::HeldThenReleased => "held_then_released",
         }
     }
 }
@@ -82,13 +96,18 @@ pub type Reached = BTreeMap<Sometimes, u32>;
 struct StreamLife {
     node: u64,
     peer: String,
+    /// When the node accepted the stream.
+    accepted: Duration,
     login: Option<(Duration, u64, u64)>,
     ended: Option<Duration>,
 }
 
 impl StreamLife {
+    /// Open at `t`: ended after it, or at that very instant (a supersede
+    /// closes the old connection in the millisecond the new login lands:
+    /// the old one was open when the login was taken).
     fn open_at(&self, t: Duration) -> bool {
-        self.ended.is_none_or(|end| end > t)
+        self.ended.is_none_or(|end| end >= t)
     }
 }
 
@@ -143,12 +162,14 @@ pub fn reached(run: &RunResult) -> Reached {
         // A newer connection of a device is open while presence is removed
         // on behalf of an older one of the same device (the seed's SREM
         // names no connection: any older one of the user's counts).
+        // The newer one counts from its accept: a removal that lands while
+        // its login is under way is late too.
         let late = streams.iter().any(|(newer_id, newer)| {
-            let Some((login, u, _)) = newer.login else {
+            let Some((_, u, _)) = newer.login else {
                 return false;
             };
             u == user
-                && login <= rec.at
+                && newer.accepted <= rec.at
                 && newer.open_at(rec.at)
                 && streams.iter().any(|(old_id, old)| {
                     old_id < newer_id
@@ -163,6 +184,49 @@ pub fn reached(run: &RunResult) -> Reached {
         });
         if late {
             hit(Sometimes::LateCleanupAfterReconnect);
+        }
+    }
+
+    let mut asked: BTreeMap<MsgKey, Duration> = BTreeMap::new();
+    let mut restarted: Vec<Duration> = Vec::new();
+    let mut holds: BTreeSet<String> = BTreeSet::new();
+    for rec in &run.history.records {
+        match &rec.event {
+            Event::Sent {
+                key, probe: false, ..
+            } => {
+                asked.insert(*key, rec.at);
+            }
+            Event::SendRetry { reason, .. } if reason.contains("inbox is full") => {
+                hit(Sometimes::InboxAtLimit)
+            }
+            Event::SendResult { key, .. } => {
+                if let Some(at) = asked.remove(key)
+                    && restarted.iter().any(|&r| at <= r && r <= rec.at)
+                {
+                    hit(Sometimes::SendStraddlingRedisRestart);
+                }
+            }
+            Event::Fault { what } if what.starts_with("redis restarts") => restarted.push(rec.at),
+            Event::Fault { what } if what.starts_with("hold ") => {
+                holds.insert(
+                    what.split(" (")
+                        .next()
+                        .unwrap_or(what)
+                        .replacen("hold ", "", 1),
+                );
+            }
+            Event::Fault { what } if what.starts_with("release ") => {
+                let pair = what
+                    .split(" (")
+                    .next()
+                    .unwrap_or(what)
+                    .replacen("release ", "", 1);
+                if holds.remove(&pair) {
+                    hit(Sometimes::HeldThenReleased);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -223,9 +287,13 @@ fn dropped_by_client(records: &[crate::history::Record]) -> BTreeMap<(String, u6
 fn lives(wire: &[WireRecord]) -> BTreeMap<u64, StreamLife> {
     let mut lives: BTreeMap<u64, StreamLife> = BTreeMap::new();
     for r in wire {
+        // The device, whichever of its addresses the stream came from
+        // (`user1001@cell` is `user1001` moved to another network).
+        let device = r.peer.split('@').next().unwrap_or(&r.peer).to_owned();
         let life = lives.entry(r.stream).or_insert_with(|| StreamLife {
             node: r.node,
-            peer: r.peer.clone(),
+            peer: device,
+            accepted: r.at,
             ..StreamLife::default()
         });
         match r.frame {

@@ -1,11 +1,20 @@
 //! Generated runs: proptest strategies that produce whole scenarios, in the
 //! same types the scenario files use, and the way back to a file.
 //!
-//! A run is a few users on one or two nodes, all connected at the start,
-//! then a list of [`Op`]s. Waits are biased toward the dangerous windows:
-//! right after another event (a few ms), around the heartbeat interval
-//! (10 s), the heartbeat timeout (25 s) and the phase profiles' read idle
-//! timeout (set to 10 s here). [`compile`] turns the ops into a valid
+//! A run is two or three users on one to three nodes, all connected at
+//! the start, then a list of [`Op`]s: sends and bursts, disconnects,
+//! vanishes, power-offs, reconnects (to any node, or from another network
+//! address), a second device logging in mid-story, careless client message
+//! ids (0, or reused), stalled readers, held-then-released paths, node
+//! crashes, restarts and drains, nodes cut from Redis, Redis restarts with
+//! or without its data, and a slow Redis. Some ops aim at a dangerous
+//! window directly (a send to a peer that just vanished, a leave while
+//! the node is cut from Redis, a close held while the device comes back
+//! from elsewhere, a send straddling a Redis restart, a flood past the
+//! inbox backlog to a reader that is away). Waits are biased toward the
+//! dangerous windows: right after another event (a few ms), around the
+//! heartbeat interval (10 s), the heartbeat timeout (25 s) and the phase
+//! profiles' read idle timeout (set to 10 s here). [`compile`] turns the ops into a valid
 //! [`Scenario`], skipping ops that make no sense in the state reached
 //! (reconnecting a connected user, restarting a running node), so every
 //! generated and every shrunk value is a runnable story.
@@ -24,6 +33,12 @@ use crate::scenario::{
 
 /// Users of generated runs: 1001, 1002, ...
 pub const FIRST_USER: u64 = 1001;
+
+/// The other network address a generated user may reconnect from.
+pub const OTHER_ADDRESS: &str = "cell";
+
+/// The device a generated user may log in on mid-story.
+pub const SECOND_DEVICE: &str = "laptop";
 
 /// One thing that happens in a generated run (users and nodes by index).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +94,30 @@ pub enum Op {
     ResumeReading {
         user: usize,
     },
+    /// The path between `user` and its node holds its traffic (delayed,
+    /// not dropped) until released.
+    Hold {
+        user: usize,
+    },
+    Release {
+        user: usize,
+    },
+    /// A node drains (SIGTERM): its clients are told to go elsewhere.
+    Drain {
+        node: u64,
+    },
+    /// A careless client: `from` sends with an explicit client message id
+    /// (0, or a small one its counter may have used for another text).
+    SendWithId {
+        from: usize,
+        to: usize,
+        id: u64,
+    },
+    /// `user` logs in on a second device mid-story.
+    SecondDevice {
+        user: usize,
+        node: u64,
+    },
     /// A dangerous window, aimed at: `user` vanishes and, `ms` later,
     /// `from` sends to it (a push to a half-open peer).
     SendToVanished {
@@ -97,6 +136,33 @@ pub enum Op {
     PartitionRedisUnder {
         user: usize,
     },
+    /// `user` reconnects to its node from its other network address
+    /// ([`OTHER_ADDRESS`]).
+    ReconnectElsewhere {
+        user: usize,
+    },
+    /// A dangerous window, aimed at: the path of `user` holds its traffic,
+    /// `user` leaves and comes back from another address (the held path
+    /// would hold its new connection too), and `ms` later the held traffic
+    /// (the old close) is delivered: a late cleanup after a reconnect.
+    HoldThenRelease {
+        user: usize,
+        ms: u64,
+    },
+    /// A dangerous window, aimed at: `from` sends to `to`, and `ms` later
+    /// Redis restarts (with its data or not) before the answer.
+    SendAcrossRestart {
+        from: usize,
+        to: usize,
+        ms: u64,
+        keep_data: bool,
+    },
+    /// A dangerous window, aimed at: `to` leaves and `from` sends it more
+    /// than the inbox backlog holds.
+    FloodAwayReader {
+        from: usize,
+        to: usize,
+    },
 }
 
 impl Op {
@@ -113,10 +179,42 @@ impl Op {
                 Op::Wait { ms },
                 Op::Disconnect { user },
             ],
+            Op::HoldThenRelease { user, ms } => vec![
+                Op::Hold { user },
+                Op::Disconnect { user },
+                Op::Wait { ms: 5 },
+                Op::ReconnectElsewhere { user },
+                Op::Wait { ms },
+                Op::Release { user },
+            ],
+            Op::SendAcrossRestart {
+                from,
+                to,
+                ms,
+                keep_data,
+            } => vec![
+                Op::Send { from, to },
+                Op::Wait { ms },
+                Op::RedisRestart { keep_data },
+            ],
+            Op::FloodAwayReader { from, to } => vec![
+                Op::Disconnect { user: to },
+                Op::Burst {
+                    from,
+                    to,
+                    count: FLOOD_COUNT,
+                },
+            ],
             ref other => vec![other.clone()],
         }
     }
 }
+
+/// Time for the first logins before a generated story's ops begin.
+const LOGIN_SETTLE: Duration = Duration::from_millis(200);
+
+/// A flood's size: a little more than the inbox backlog (1,000).
+const FLOOD_COUNT: u64 = 1_050;
 
 /// A whole generated run before it becomes a scenario.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,9 +257,20 @@ fn op(users: usize, nodes: u64) -> impl Strategy<Value = Op> {
             .prop_map(|(from, to, count)| Op::Burst { from, to, count }),
         1 => user.clone().prop_map(|user| Op::StopReading { user }),
         1 => user.clone().prop_map(|user| Op::ResumeReading { user }),
-        1 => (user.clone(), user.clone(), 0..40u64)
+        2 => (user.clone(), user.clone(), 0..40u64)
             .prop_map(|(user, from, ms)| Op::SendToVanished { user, from, ms }),
-        1 => (user, 0..40u64).prop_map(|(user, ms)| Op::LeaveWhileCut { user, ms }),
+        1 => user.clone().prop_map(|user| Op::Hold { user }),
+        1 => user.clone().prop_map(|user| Op::Release { user }),
+        1 => node.clone().prop_map(|node| Op::Drain { node }),
+        1 => (user.clone(), user.clone(), 0..4u64)
+            .prop_map(|(from, to, id)| Op::SendWithId { from, to, id }),
+        1 => (user.clone(), node.clone()).prop_map(|(user, node)| Op::SecondDevice { user, node }),
+        2 => (user.clone(), 0..1_500u64).prop_map(|(user, ms)| Op::HoldThenRelease { user, ms }),
+        2 => (user.clone(), user.clone(), 0..20u64, any::<bool>()).prop_map(
+            |(from, to, ms, keep_data)| Op::SendAcrossRestart { from, to, ms, keep_data }
+        ),
+        2 => (user.clone(), user.clone()).prop_map(|(from, to)| Op::FloodAwayReader { from, to }),
+        2 => (user, 0..40u64).prop_map(|(user, ms)| Op::LeaveWhileCut { user, ms }),
     ]
 }
 
@@ -193,6 +302,14 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
     let mut home: Vec<u64> = (0..plan.users)
         .map(|i| 1 + (i as u64 % plan.nodes))
         .collect();
+    // The node whose path to each user holds its traffic, if one does.
+    let mut held: Vec<Option<u64>> = vec![None; plan.users];
+    let mut second = vec![false; plan.users];
+    // Whether a user's held path is its other address's (it reconnected
+    // from there); holds name the device's own path.
+    let mut elsewhere = vec![false; plan.users];
+    let mut addresses: BTreeMap<(u64, String), std::collections::BTreeSet<String>> =
+        BTreeMap::new();
     for (i, &node) in home.iter().enumerate() {
         clients.insert(user_id(i), ClientProfile::Compliant);
         devices.push((user_id(i), DEFAULT_DEVICE.to_owned()));
@@ -202,9 +319,13 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                 user: user_id(i),
                 device: DEFAULT_DEVICE.into(),
                 node,
+                via: None,
             },
         });
     }
+    // The story proper starts once everyone is logged in: a fault aimed at
+    // a connection (a vanish, a held path) needs one to be there.
+    now += LOGIN_SETTLE;
     // Presence converges within a lease (30 s): a cleanup that could not
     // reach Redis (crash, cut from Redis, Redis restarting) is undone by
     // expiry, so such runs settle longer than a lease before judging.
@@ -246,15 +367,35 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                     device: DEFAULT_DEVICE.into(),
                 }
             }
+            Op::ReconnectElsewhere { user } => {
+                let node = home[user];
+                if connected[user] || off[user] || crashed[node as usize] {
+                    continue;
+                }
+                connected[user] = true;
+                elsewhere[user] = true;
+                addresses
+                    .entry((user_id(user), DEFAULT_DEVICE.to_owned()))
+                    .or_default()
+                    .insert(OTHER_ADDRESS.to_owned());
+                Action::Reconnect {
+                    user: user_id(user),
+                    device: DEFAULT_DEVICE.into(),
+                    node: Some(node),
+                    via: Some(OTHER_ADDRESS.into()),
+                }
+            }
             Op::Reconnect { user, node }
                 if !connected[user] && !off[user] && !crashed[node as usize] =>
             {
                 connected[user] = true;
                 home[user] = node;
+                elsewhere[user] = false;
                 Action::Reconnect {
                     user: user_id(user),
                     device: DEFAULT_DEVICE.into(),
                     node: Some(node),
+                    via: None,
                 }
             }
             Op::PartitionRedisUnder { user } if !cut_from_redis[home[user] as usize] => {
@@ -317,10 +458,49 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                 user: user_id(user),
                 device: DEFAULT_DEVICE.into(),
             },
+            Op::Hold { user } if held[user].is_none() && !elsewhere[user] => {
+                held[user] = Some(home[user]);
+                Action::Hold {
+                    a: crate::scenario::device_host(user_id(user), DEFAULT_DEVICE),
+                    b: format!("node{}", home[user]),
+                }
+            }
+            Op::Release { user } if held[user].is_some() => {
+                let node = held[user].take().unwrap_or(1);
+                Action::Release {
+                    a: crate::scenario::device_host(user_id(user), DEFAULT_DEVICE),
+                    b: format!("node{node}"),
+                }
+            }
+            Op::Drain { node } if !crashed[node as usize] => {
+                // Down until restarted, like a crashed node.
+                crashed[node as usize] = true;
+                Action::Drain { node }
+            }
+            Op::SendWithId { from, to, id } if connected[from] && from != to => Action::Send {
+                from: user_id(from),
+                device: DEFAULT_DEVICE.into(),
+                to: user_id(to),
+                text: Some(format!("careless {id}")),
+                count: 1,
+                id: Some(id),
+            },
+            Op::SecondDevice { user, node } if !second[user] && !crashed[node as usize] => {
+                second[user] = true;
+                devices.push((user_id(user), SECOND_DEVICE.to_owned()));
+                Action::Connect {
+                    user: user_id(user),
+                    device: SECOND_DEVICE.into(),
+                    node,
+                    via: None,
+                }
+            }
             _ => continue,
         };
         steps.push(TimedStep { at: now, action });
     }
+    // As the file format lists them (sorted), so a run reads back the same.
+    devices.sort();
     let settle = if lease_wait { 35 } else { 8 };
     Scenario {
         name: name.to_owned(),
@@ -341,8 +521,16 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
             ..Expect::default()
         },
         trailing_end: story_end(&steps),
+        addresses,
         steps,
     }
+}
+
+/// `, via = "X"` for an address, nothing for the device's own.
+fn via_of(via: &Option<String>) -> String {
+    via.as_ref()
+        .map(|v| format!(", via = {v:?}"))
+        .unwrap_or_default()
 }
 
 /// When a story of `steps` with no wait after its last step ends.
@@ -384,9 +572,15 @@ pub fn to_toml(s: &Scenario, comment: &str) -> String {
             }
         };
         let body = match &step.action {
-            Action::Connect { user, device, node } => format!(
-                "do = \"connect\", user = {user}{}, node = {node}",
-                dev(device)
+            Action::Connect {
+                user,
+                device,
+                node,
+                via,
+            } => format!(
+                "do = \"connect\", user = {user}{}, node = {node}{}",
+                dev(device),
+                via_of(via)
             ),
             Action::Disconnect { user, device } => {
                 format!("do = \"disconnect\", user = {user}{}", dev(device))
@@ -397,9 +591,18 @@ pub fn to_toml(s: &Scenario, comment: &str) -> String {
             Action::PowerOff { user, device } => {
                 format!("do = \"power_off\", user = {user}{}", dev(device))
             }
-            Action::Reconnect { user, device, node } => {
+            Action::Reconnect {
+                user,
+                device,
+                node,
+                via,
+            } => {
                 let node = node.map(|n| format!(", node = {n}")).unwrap_or_default();
-                format!("do = \"reconnect\", user = {user}{}{node}", dev(device))
+                format!(
+                    "do = \"reconnect\", user = {user}{}{node}{}",
+                    dev(device),
+                    via_of(via)
+                )
             }
             Action::Send {
                 from,
@@ -427,6 +630,8 @@ pub fn to_toml(s: &Scenario, comment: &str) -> String {
             Action::Drain { node } => format!("do = \"drain\", node = {node}"),
             Action::Partition { a, b } => format!("do = \"partition\", a = \"{a}\", b = \"{b}\""),
             Action::Heal { a, b } => format!("do = \"heal\", a = \"{a}\", b = \"{b}\""),
+            Action::Hold { a, b } => format!("do = \"hold\", a = \"{a}\", b = \"{b}\""),
+            Action::Release { a, b } => format!("do = \"release\", a = \"{a}\", b = \"{b}\""),
             Action::Crash { node } => format!("do = \"crash\", node = {node}"),
             Action::Restart { node } => format!("do = \"restart\", node = {node}"),
             Action::RedisStop => "do = \"redis_stop\"".to_owned(),

@@ -424,9 +424,10 @@ fn live_devices_at(history: &History, at: Duration) -> BTreeSet<(u64, String)> {
     live.into_keys().collect()
 }
 
-/// Messages a data-losing Redis restart took: accepted, last stored (by
-/// Redis's own clock: the insert it executed, not when the sender heard
-/// "sent") before an empty restart, and not delivered anywhere by then.
+/// Messages a data-losing Redis restart took: accepted, and last stored
+/// (by Redis's own clock: the insert it executed, not when the sender
+/// heard "sent") before an empty restart. A device that had not received
+/// one by then cannot receive it afterwards; those that had, had.
 /// Our store is Redis; a Redis that keeps nothing on disk and restarts
 /// loses them, which no server design can undo. The fault model therefore
 /// assumes a durable store (Redis with AOF or a replica); these are exempt
@@ -435,7 +436,6 @@ fn live_devices_at(history: &History, at: Duration) -> BTreeSet<(u64, String)> {
 pub fn lost_with_redis(history: &History) -> BTreeSet<MsgKey> {
     let mut last_stored = BTreeMap::<MsgKey, Duration>::new();
     let mut stored_when_accepted = BTreeMap::<MsgKey, Duration>::new();
-    let mut first_delivery = BTreeMap::<MsgKey, Duration>::new();
     let mut restarts = Vec::new();
     for r in &history.records {
         match &r.event {
@@ -450,20 +450,15 @@ pub fn lost_with_redis(history: &History) -> BTreeSet<MsgKey> {
                 let at = last_stored.get(key).copied().unwrap_or(r.at);
                 stored_when_accepted.entry(*key).or_insert(at);
             }
-            Event::Delivered { key, .. } => {
-                first_delivery.entry(*key).or_insert(r.at);
-            }
             Event::Fault { what } if what == "redis restarts empty" => restarts.push(r.at),
             _ => {}
         }
     }
+    // Delivered or not before the restart: a device that had not got it
+    // by then (one that logs in later, say) cannot get it afterwards.
     stored_when_accepted
         .into_iter()
-        .filter(|(key, stored)| {
-            restarts.iter().any(|restart| {
-                stored < restart && first_delivery.get(key).is_none_or(|d| d > restart)
-            })
-        })
+        .filter(|(_, stored)| restarts.iter().any(|restart| stored < restart))
         .map(|(key, _)| key)
         .collect()
 }

@@ -47,6 +47,8 @@ pub struct RunOptions {
     pub seed: Option<u64>,
     /// Replaces the scenario's server profile ("does this story break P?").
     pub profile: Option<Profile>,
+    /// Replaces every user's client profile.
+    pub client: Option<im_client::ClientProfile>,
     /// Historical bugs switched back on in every node.
     pub bugs: BTreeSet<Bug>,
 }
@@ -111,11 +113,21 @@ impl Outcome {
 pub fn run_scenario(scenario: &Scenario, options: RunOptions) -> Result<Outcome, SimError> {
     let seed = options.seed.unwrap_or(scenario.seed);
     let profile = options.profile.unwrap_or(scenario.server);
+    let mut scenario = scenario.clone();
+    let client_changed = options
+        .client
+        .is_some_and(|c| scenario.clients.values().any(|p| *p != c));
+    if let Some(client) = options.client {
+        for p in scenario.clients.values_mut() {
+            *p = client;
+        }
+    }
+    let scenario = &scenario;
     let (run, trace) = trace::capture(|| world::run(scenario, seed, profile, &options.bugs));
     let run = run?;
     let verdicts = invariants::check(&run);
     let missed = invariants::expectations(&scenario.expect, &run);
-    let expected = if profile == scenario.server && options.bugs.is_empty() {
+    let expected = if profile == scenario.server && options.bugs.is_empty() && !client_changed {
         scenario.expect.violated.iter().copied().collect()
     } else {
         BTreeSet::new()

@@ -24,9 +24,15 @@ enum Command {
         /// Replaces every scenario's seed.
         #[arg(long)]
         seed: Option<u64>,
-        /// Replaces the server profile; the story must then hold every invariant.
+        /// Replaces the server profile; the story must then hold every
+        /// invariant (the same profile as the file's keeps its [expect]).
         #[arg(long)]
         profile: Option<Profile>,
+        /// Replaces every user's client: compliant, or legacy (the seed's
+        /// client, which reads every frame as a business message); the
+        /// story must then hold every invariant.
+        #[arg(long)]
+        client: Option<im_client::ClientProfile>,
         /// Prints each run's server and client logs (simulated time).
         #[arg(long)]
         trace: bool,
@@ -66,6 +72,13 @@ enum Command {
     /// Plays one generated run per seed, reports failures with their
     /// replay command and how often each dangerous state was reached.
     Sweep(SweepArgs),
+    /// Lists every historical bug switch (`--bug NAME`), what it does, and
+    /// what guards it: the scenario files that name it, or its live test.
+    Bugs {
+        /// Where the scenario files are.
+        #[arg(long, default_value = "scenarios")]
+        scenarios: PathBuf,
+    },
     /// Measures the simulation (use a release build): simulated time and
     /// messages per wall second on a heartbeat soak, and a reconnect story
     /// played live and simulated. The last line of output is one JSON
@@ -113,6 +126,7 @@ fn main() -> ExitCode {
             paths,
             seed,
             profile,
+            client,
             trace,
             report,
             junit,
@@ -123,6 +137,7 @@ fn main() -> ExitCode {
             RunFlags {
                 seed,
                 profile,
+                client,
                 trace,
                 report,
                 junit,
@@ -138,6 +153,7 @@ fn main() -> ExitCode {
             ops_max,
         } => fuzz(profile, cases, seed, &out, ops_max),
         Command::Sweep(args) => sweep(args),
+        Command::Bugs { scenarios } => bugs(&scenarios),
         Command::Bench {
             users,
             minutes,
@@ -215,6 +231,9 @@ struct SweepArgs {
     /// does the generator find it?
     #[arg(long = "bug", value_name = "BUG")]
     bugs: Vec<Bug>,
+    /// Stops at the first failing seed (with --bug: how soon is it found?).
+    #[arg(long)]
+    first: bool,
 }
 
 /// ` --bug NAME` for each bug, for replay commands.
@@ -232,6 +251,7 @@ fn sweep(args: SweepArgs) -> ExitCode {
         out,
         require_coverage,
         bugs,
+        first,
     } = args;
     let bugs: std::collections::BTreeSet<Bug> = bugs.into_iter().collect();
     let bug_flags = bug_flags(&bugs);
@@ -289,6 +309,9 @@ fn sweep(args: SweepArgs) -> ExitCode {
             });
         }
         bar.inc(1);
+        if first && failures > 0 {
+            break;
+        }
     }
     bar.finish_and_clear();
     print!("{}", tally.table());
@@ -354,6 +377,7 @@ fn fuzz(profile: Profile, cases: u32, seed: u64, out: &Path, ops_max: usize) -> 
 struct RunFlags {
     seed: Option<u64>,
     profile: Option<Profile>,
+    client: Option<im_client::ClientProfile>,
     trace: bool,
     report: bool,
     junit: Option<PathBuf>,
@@ -361,10 +385,53 @@ struct RunFlags {
     bugs: Vec<Bug>,
 }
 
+/// `im-sim bugs`: every bug switch, what it does, what guards it.
+fn bugs(scenarios: &Path) -> ExitCode {
+    let files = match collect(&[scenarios.to_owned()]) {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let mut guards: std::collections::BTreeMap<Bug, Vec<String>> = Default::default();
+    for file in &files {
+        match Scenario::load(file) {
+            Ok(s) => {
+                for bug in &s.guards {
+                    guards.entry(*bug).or_default().push(s.name.clone());
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+        }
+    }
+    for bug in Bug::ALL {
+        let guarded_by = match (guards.get(&bug), bug.live_guard()) {
+            (Some(files), _) => files
+                .iter()
+                .map(|f| format!("scenarios/{f}.toml"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            (None, Some(test)) => format!("live test server/tests/it: {test}"),
+            (None, None) => "NOTHING".to_owned(),
+        };
+        println!(
+            "{}\n    {}\n    guarded by: {guarded_by}",
+            bug.name(),
+            bug.summary()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
 fn run(paths: Vec<PathBuf>, flags: RunFlags) -> ExitCode {
     let RunFlags {
         seed,
         profile,
+        client,
         trace,
         report,
         junit,
@@ -411,6 +478,7 @@ fn run(paths: Vec<PathBuf>, flags: RunFlags) -> ExitCode {
     let options = RunOptions {
         seed,
         profile,
+        client,
         bugs: bugs.iter().copied().collect(),
     };
     let (mut passed, mut failed) = (0, 0);

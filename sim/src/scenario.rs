@@ -50,7 +50,13 @@
 //! be online on several at once.
 //!
 //! Host names: `node1`.., `redis`, `user<ID>` for a user's default device
-//! (e.g. `user1001`), `user<ID>-<DEVICE>` for another (`user1001-tablet`).
+//! (e.g. `user1001`), `user<ID>-<DEVICE>` for another (`user1001-tablet`),
+//! and `user<ID>@<VIA>` for a device's other network address: `connect`
+//! and `reconnect` take `via = "cell"` to connect from it (Wi-Fi to
+//! cellular, a NAT rebinding), so faults on the old path (`hold`,
+//! `partition`) leave the new one alone. `hold`/`release` (between two
+//! hosts) delay traffic and then deliver it in order, where `partition`
+//! drops it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -200,6 +206,9 @@ pub enum Step {
         device: Option<String>,
         #[serde(default = "one")]
         node: u64,
+        /// Connect from another network address (e.g. "cell"): the host
+        /// `user<ID>@<via>`, its own link to the nodes.
+        via: Option<String>,
         at: Option<Dur>,
     },
     Disconnect {
@@ -225,6 +234,10 @@ pub enum Step {
         /// The device (default "phone"); several devices may share a user.
         device: Option<String>,
         node: Option<u64>,
+        /// Reconnect from another network address (Wi-Fi to cellular, NAT
+        /// rebinding): the host `user<ID>@<via>`; omitted: the device's
+        /// own address.
+        via: Option<String>,
         at: Option<Dur>,
     },
     Send {
@@ -254,6 +267,18 @@ pub enum Step {
         at: Option<Dur>,
     },
     Heal {
+        a: String,
+        b: String,
+        at: Option<Dur>,
+    },
+    /// Holds the traffic between two hosts: delayed, not dropped, until
+    /// `release` delivers it in order.
+    Hold {
+        a: String,
+        b: String,
+        at: Option<Dur>,
+    },
+    Release {
         a: String,
         b: String,
         at: Option<Dur>,
@@ -312,6 +337,7 @@ pub enum Action {
         user: u64,
         device: String,
         node: u64,
+        via: Option<String>,
     },
     Disconnect {
         user: u64,
@@ -331,6 +357,7 @@ pub enum Action {
         user: u64,
         device: String,
         node: Option<u64>,
+        via: Option<String>,
     },
     Send {
         from: u64,
@@ -349,6 +376,14 @@ pub enum Action {
         b: String,
     },
     Heal {
+        a: String,
+        b: String,
+    },
+    Hold {
+        a: String,
+        b: String,
+    },
+    Release {
         a: String,
         b: String,
     },
@@ -399,6 +434,8 @@ pub struct Scenario {
     pub steps: Vec<TimedStep>,
     /// The story's time after its last step and every wait after it.
     pub trailing_end: Duration,
+    /// Other network addresses each device connects from (`via`).
+    pub addresses: BTreeMap<(u64, String), std::collections::BTreeSet<String>>,
 }
 
 impl Scenario {
@@ -465,6 +502,29 @@ impl Scenario {
             ));
         }
 
+        // Every network address a device connects from besides its own
+        // (`via`), known before the steps so faults may name them anywhere.
+        let mut addresses = BTreeMap::<(u64, String), std::collections::BTreeSet<String>>::new();
+        for spanned in &file.steps {
+            let (user, device, via) = match spanned.get_ref() {
+                Step::Connect {
+                    user, device, via, ..
+                }
+                | Step::Reconnect {
+                    user, device, via, ..
+                } => (*user, device.clone(), via.clone()),
+                _ => continue,
+            };
+            let Some(via) = via else { continue };
+            if via.is_empty() || !via.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return Err((
+                    spanned.span(),
+                    format!("via = {via:?}: use letters and digits only"),
+                ));
+            }
+            let device = device.unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
+            addresses.entry((user, device)).or_default().insert(via);
+        }
         let mut clients = BTreeMap::new();
         let mut steps = Vec::new();
         let mut now = Duration::ZERO;
@@ -488,6 +548,8 @@ impl Scenario {
                 | Step::Drain { at, .. }
                 | Step::Partition { at, .. }
                 | Step::Heal { at, .. }
+                | Step::Hold { at, .. }
+                | Step::Release { at, .. }
                 | Step::Crash { at, .. }
                 | Step::Restart { at, .. }
                 | Step::RedisStop { at }
@@ -538,7 +600,11 @@ impl Scenario {
             let action = match step {
                 Step::Wait { .. } => unreachable!("handled above"),
                 Step::Connect {
-                    user, device, node, ..
+                    user,
+                    device,
+                    node,
+                    via,
+                    ..
                 } => {
                     if user == 0 {
                         return Err(err("user 0 is not a user".into()));
@@ -569,6 +635,7 @@ impl Scenario {
                         user,
                         device: d.1,
                         node,
+                        via,
                     }
                 }
                 Step::Disconnect { user, device, .. } => {
@@ -591,7 +658,11 @@ impl Scenario {
                     Action::PowerOff { user, device: d.1 }
                 }
                 Step::Reconnect {
-                    user, device, node, ..
+                    user,
+                    device,
+                    node,
+                    via,
+                    ..
                 } => {
                     let d = dev(user, device);
                     known(&d, "reconnect")?;
@@ -603,6 +674,7 @@ impl Scenario {
                         user,
                         device: d.1,
                         node,
+                        via,
                     }
                 }
                 Step::Send {
@@ -633,14 +705,24 @@ impl Scenario {
                     }
                 }
                 Step::Partition { a, b, .. } => {
-                    host_ok(&a, file.nodes, &connected).map_err(err)?;
-                    host_ok(&b, file.nodes, &connected).map_err(err)?;
+                    host_ok(&a, file.nodes, &connected, &addresses).map_err(err)?;
+                    host_ok(&b, file.nodes, &connected, &addresses).map_err(err)?;
                     Action::Partition { a, b }
                 }
                 Step::Heal { a, b, .. } => {
-                    host_ok(&a, file.nodes, &connected).map_err(err)?;
-                    host_ok(&b, file.nodes, &connected).map_err(err)?;
+                    host_ok(&a, file.nodes, &connected, &addresses).map_err(err)?;
+                    host_ok(&b, file.nodes, &connected, &addresses).map_err(err)?;
                     Action::Heal { a, b }
+                }
+                Step::Hold { a, b, .. } => {
+                    host_ok(&a, file.nodes, &connected, &addresses).map_err(err)?;
+                    host_ok(&b, file.nodes, &connected, &addresses).map_err(err)?;
+                    Action::Hold { a, b }
+                }
+                Step::Release { a, b, .. } => {
+                    host_ok(&a, file.nodes, &connected, &addresses).map_err(err)?;
+                    host_ok(&b, file.nodes, &connected, &addresses).map_err(err)?;
+                    Action::Release { a, b }
                 }
                 Step::Drain { node, .. } => {
                     node_ok(node)?;
@@ -730,19 +812,29 @@ impl Scenario {
             expect: file.expect,
             steps,
             trailing_end: now,
+            addresses,
         })
     }
 }
 
 /// Checks a host name against the world: `node<N>`, `redis`, a device's
-/// host (see [`device_host`]).
-fn host_ok(host: &str, nodes: u64, devices: &BTreeMap<(u64, String), bool>) -> Result<(), String> {
+/// host (see [`device_host`]), or one of its other addresses
+/// (`user<ID>@<via>`, see [`address_host`]).
+fn host_ok(
+    host: &str,
+    nodes: u64,
+    devices: &BTreeMap<(u64, String), bool>,
+    addresses: &BTreeMap<(u64, String), std::collections::BTreeSet<String>>,
+) -> Result<(), String> {
     let ok = host == "redis"
         || host
             .strip_prefix("node")
             .and_then(|n| n.parse::<u64>().ok())
             .is_some_and(|n| (1..=nodes).contains(&n))
-        || devices.keys().any(|(u, d)| device_host(*u, d) == host);
+        || devices.keys().any(|(u, d)| device_host(*u, d) == host)
+        || addresses
+            .iter()
+            .any(|((u, d), vias)| vias.iter().any(|via| address_host(*u, d, via) == host));
     if ok {
         Ok(())
     } else {
@@ -763,6 +855,13 @@ pub fn device_host(user: u64, device: &str) -> String {
     } else {
         format!("user{user}-{device}")
     }
+}
+
+/// The host of a device's other network address: `user1001@cell`,
+/// `user1001-tablet@wifi`. A forwarder runs there: the device's traffic to
+/// the nodes goes through it, so the nodes see that address.
+pub fn address_host(user: u64, device: &str, via: &str) -> String {
+    format!("{}@{via}", device_host(user, device))
 }
 
 /// 1-based line and column of a byte offset.

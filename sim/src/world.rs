@@ -95,6 +95,59 @@ fn turmoil_redis_connector(yard: Graveyard) -> Connector {
     })
 }
 
+/// A forwarder listens on this port plus the node's number.
+pub const FORWARD_PORT_BASE: u16 = 9000;
+
+/// Opens a stream to `node`: directly, or through the forwarder host
+/// `path` (a device's other network address), which the node then sees as
+/// the peer.
+async fn dial(path: Option<String>, node: u64) -> io::Result<turmoil::net::TcpStream> {
+    match path {
+        Some(host) => {
+            turmoil::net::TcpStream::connect((host.as_str(), FORWARD_PORT_BASE + node as u16)).await
+        }
+        None => turmoil::net::TcpStream::connect((format!("node{node}").as_str(), WS_PORT)).await,
+    }
+}
+
+/// Dials `node` from the device's current address.
+async fn dial_node(ctx: &AgentCtx, node: u64) -> io::Result<turmoil::net::TcpStream> {
+    let path = ctx
+        .via
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .map(|v| crate::scenario::address_host(ctx.user, &ctx.device, &v));
+    dial(path, node).await
+}
+
+/// A device's other network address: forwards each connection on port
+/// `FORWARD_PORT_BASE + n` to node `n`, so the nodes see this host as the
+/// peer and faults on this host's links touch only what goes through it.
+async fn forwarder(nodes: u64, yard: Graveyard) -> turmoil::Result {
+    // First, so dropped last in a crash (see `crash`).
+    let _guard = yard.guard();
+    for n in 1..=nodes {
+        let listener =
+            turmoil::net::TcpListener::bind(("0.0.0.0", FORWARD_PORT_BASE + n as u16)).await?;
+        let yard = yard.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let yard = yard.clone();
+                tokio::spawn(async move {
+                    let target = turmoil::net::TcpStream::connect((format!("node{n}"), WS_PORT));
+                    if let Ok(outbound) = target.await {
+                        let (mut a, mut b) = (yard.wrap(inbound), yard.wrap(outbound));
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    }
+                });
+            }
+        });
+    }
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
 /// The secret the simulated nodes sign and check login tokens with.
 pub const AUTH_SECRET: &[u8] = b"imsim-simulation-secret";
 
@@ -115,6 +168,8 @@ pub fn now() -> Duration {
 enum Cmd {
     Connect {
         node: u64,
+        /// The device's other network address to connect from, if any.
+        via: Option<String>,
     },
     Close,
     Abort,
@@ -211,6 +266,9 @@ struct AgentCtx {
     profile: ClientProfile,
     /// The node the user's device dials (hardened clients redial it).
     home: Arc<AtomicU64>,
+    /// The device's other network address it connects from, if any
+    /// (`via`: the forwarder host `user<ID>@<via>`).
+    via: Arc<Mutex<Option<String>>>,
     /// How many nodes there are (hardened clients fall back to others).
     nodes: u64,
     /// The node the latest successful dial reached.
@@ -271,7 +329,19 @@ async fn agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
     let mut client: Option<Client> = None;
     let mut pending: VecDeque<Cmd> = VecDeque::new();
     loop {
-        pending.extend(ctx.mailbox.queue.borrow_mut().drain(..));
+        // Reading or not is the app's, not its send queue's: a pause or
+        // resume acts at once, even behind sends that wait for room.
+        let drained: Vec<Cmd> = ctx.mailbox.queue.borrow_mut().drain(..).collect();
+        for cmd in drained {
+            match cmd {
+                Cmd::PauseReading(p) => {
+                    if let Some(c) = &client {
+                        let _ = c.pause_reading(p).await;
+                    }
+                }
+                other => pending.push_back(other),
+            }
+        }
         match pending.front() {
             Some(Cmd::Connect { .. } | Cmd::Abort | Cmd::PauseReading(_)) => {
                 let cmd = pending.pop_front().expect("a front");
@@ -355,7 +425,8 @@ async fn next_event(client: &mut Option<Client>) -> Option<ClientEvent> {
 /// The commands that need no room in the client's queue (or no client).
 async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
     match cmd {
-        Cmd::Connect { node } => {
+        Cmd::Connect { node, via } => {
+            *ctx.via.lock().unwrap_or_else(|e| e.into_inner()) = via;
             if let Some(old) = client.take() {
                 // A reconnecting app abandons its old socket (FIN, no close frame).
                 let _ = old.abort().await;
@@ -367,7 +438,7 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
             options.login_timeout = ctx.connect_timeout;
             let activity = ctx.activity.clone();
             let attempt = async {
-                let tcp = turmoil::net::TcpStream::connect((host.as_str(), WS_PORT)).await?;
+                let tcp = dial_node(ctx, node).await?;
                 let stream = Tapped {
                     inner: ctx.yard.wrap(tcp),
                     activity,
@@ -434,28 +505,46 @@ async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
     let mut conn = 0u64;
     // Closed by the story; its Stopped event may still be on the way.
     let mut closed = false;
+    // A closed client still finishing its close while a new one runs, and
+    // the connection it had.
+    let mut retiring: Option<(Resilient, u64)> = None;
     let mut pending: VecDeque<Cmd> = VecDeque::new();
     loop {
-        pending.extend(ctx.mailbox.queue.borrow_mut().drain(..));
+        // Reading or not is the app's, not its send queue's: a pause or
+        // resume acts at once (the client takes controls even while its
+        // outbox is full and sends wait).
+        let drained: Vec<Cmd> = ctx.mailbox.queue.borrow_mut().drain(..).collect();
+        for cmd in drained {
+            match cmd {
+                Cmd::PauseReading(p) => {
+                    if let Some(c) = &client
+                        && !closed
+                    {
+                        let _ = c.pause_reading(p).await;
+                    }
+                }
+                other => pending.push_back(other),
+            }
+        }
         match pending.front() {
             Some(Cmd::Connect { .. }) => {
-                let Some(Cmd::Connect { node }) = pending.pop_front() else {
+                let Some(Cmd::Connect { node, via }) = pending.pop_front() else {
                     unreachable!("matched above");
                 };
                 ctx.home.store(node, Ordering::Relaxed);
+                *ctx.via.lock().unwrap_or_else(|e| e.into_inner()) = via;
                 match client.take() {
                     Some(c) if !closed => {
                         let _ = c.reconnect().await;
                         client = Some(c);
                     }
-                    Some(mut old) => {
-                        // A connect right after a disconnect: the old
-                        // client finishes closing first, then a new one
-                        // starts (a closed client does not reconnect).
-                        let drain = async {
-                            while !record_resilient(&ctx, &mut conn, old.next_event().await) {}
-                        };
-                        let _ = tokio::time::timeout(ctx.connect_timeout, drain).await;
+                    Some(old) => {
+                        // A connect right after a disconnect: a new client
+                        // starts at once (a closed one does not reconnect)
+                        // while the old one finishes closing beside it, as
+                        // an app that reopens does: the old close may
+                        // still be on its way when the new login lands.
+                        retiring = Some((old, conn));
                         closed = false;
                         client = Some(start_resilient(&ctx));
                     }
@@ -513,6 +602,19 @@ async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
                     },
                     Cmd::Close => closed = true,
                     _ => {}
+                }
+                continue;
+            }
+            event = async {
+                match &mut retiring {
+                    Some((c, _)) => c.next_event().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((_, old_conn)) = &mut retiring
+                    && record_resilient(&ctx, old_conn, event)
+                {
+                    retiring = None;
                 }
                 continue;
             }
@@ -611,6 +713,7 @@ fn record_resilient(ctx: &AgentCtx, conn: &mut u64, event: Option<ResilientEvent
 
 fn start_resilient(ctx: &AgentCtx) -> Resilient {
     let home = ctx.home.clone();
+    let (user, device, via) = (ctx.user, ctx.device.clone(), ctx.via.clone());
     let activity = ctx.activity.clone();
     let nodes = ctx.nodes;
     let reached = ctx.reached.clone();
@@ -618,6 +721,11 @@ fn start_resilient(ctx: &AgentCtx) -> Resilient {
     // Like a load balancer: the device's home node first, then the others.
     let dial: Dial = Arc::new(move || {
         let first = home.load(Ordering::Relaxed);
+        let path = via
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .map(|v| crate::scenario::address_host(user, &device, &v));
         let activity = activity.clone();
         let reached = reached.clone();
         let yard = yard.clone();
@@ -625,7 +733,7 @@ fn start_resilient(ctx: &AgentCtx) -> Resilient {
             let order = std::iter::once(first).chain((1..=nodes).filter(move |&n| n != first));
             let mut last_error = io::Error::other("no nodes");
             for node in order {
-                let connect = turmoil::net::TcpStream::connect((format!("node{node}"), WS_PORT));
+                let connect = dial(path.clone(), node);
                 // A crashed host swallows SYNs: give each node a second.
                 match tokio::time::timeout(Duration::from_secs(1), connect)
                     .await
@@ -651,10 +759,16 @@ fn start_resilient(ctx: &AgentCtx) -> Resilient {
     });
     let user = UserId(ctx.user);
     let mut options = Options::new(user, "ws://imsim/ws");
+    // The user's frame handling: the seed's legacy client reads every frame
+    // as a business message, under the resilient logic too.
+    options.profile = ctx.profile;
     options.token = im_proto::token::mint(AUTH_SECRET, user, unix_ms() / 1000 + 86_400);
     options.device = ctx.device.clone();
     options.login_timeout = ctx.connect_timeout;
     options.resume_after_seq = ctx.last_seq.get();
+    // As an app would: this client's connections outrank every earlier
+    // client's of the device (the simulated clock, ms x 1000).
+    options.connection_seq = unix_ms() * 1000;
     Resilient::start(dial, options, Resilience::default())
 }
 
@@ -744,6 +858,7 @@ pub fn run(
             device: device.clone(),
             profile: client_profile,
             home: Arc::new(AtomicU64::new(1)),
+            via: Arc::new(Mutex::new(None)),
             nodes: scenario.nodes,
             reached: Arc::new(AtomicU64::new(0)),
             connect_timeout: t.connect.0,
@@ -762,6 +877,16 @@ pub fn run(
             sim.host(host, move || agent(ctx.clone()));
         }
     }
+    // Each other network address a device connects from: a forwarder host.
+    for ((user, device), vias) in &scenario.addresses {
+        for via in vias {
+            let host = crate::scenario::address_host(*user, device, via);
+            let yard = Graveyard::default();
+            yards.insert(host.clone(), yard.clone());
+            let nodes = scenario.nodes;
+            sim.host(host, move || forwarder(nodes, yard.clone()));
+        }
+    }
 
     let mut driver = Driver {
         sim,
@@ -769,9 +894,12 @@ pub fn run(
         redis: redis.clone(),
         agents,
         home: BTreeMap::new(),
+        via: BTreeMap::new(),
+        holds: BTreeSet::new(),
         next_id: BTreeMap::new(),
         partitions: BTreeSet::new(),
         crashed: BTreeSet::new(),
+        drained: BTreeSet::new(),
         redis_down: false,
         middleboxes: BTreeMap::new(),
         drains,
@@ -808,11 +936,6 @@ pub fn run(
         )
     };
 
-    let (stored, stored_twice) = if driver.redis_down {
-        Default::default()
-    } else {
-        stored_messages(&redis)
-    };
     driver.phase("liveness");
     // From one device of each user that should be online, to every other
     // such user (the checker wants it on each of the recipient's devices).
@@ -830,6 +953,13 @@ pub fn run(
     }
     driver.advance_to(end_of_story + settle * 2)?;
     driver.phase("end");
+    // The inboxes at the very end: a sender's client may still have been
+    // resending (and been told "sent") after quiescence.
+    let (stored, stored_twice) = if driver.redis_down {
+        Default::default()
+    } else {
+        stored_messages(&redis)
+    };
     let elapsed = driver.sim.elapsed();
     // Taken before the hosts are dropped: their streams' ends would be
     // stamped outside simulated time.
@@ -986,9 +1116,15 @@ struct Driver<'a> {
     agents: BTreeMap<Dev, Rc<AgentCtx>>,
     /// The node each device last connected to.
     home: BTreeMap<Dev, u64>,
+    /// The other network address each device last connected from, if any.
+    via: BTreeMap<Dev, Option<String>>,
+    /// Held host pairs (released when faults heal).
+    holds: BTreeSet<(String, String)>,
     next_id: BTreeMap<u64, u64>,
     partitions: BTreeSet<(String, String)>,
     crashed: BTreeSet<u64>,
+    /// Drained nodes (down until restarted).
+    drained: BTreeSet<u64>,
     redis_down: bool,
     /// device -> idle time after which the middlebox drops its connection.
     middleboxes: BTreeMap<Dev, Duration>,
@@ -1048,11 +1184,20 @@ impl Driver<'_> {
             .collect();
         for (dev, node) in due {
             self.middleboxes.remove(&dev);
-            let host = device_host(dev.0, &dev.1);
+            let host = self.path_host(&dev);
             self.fault(format!(
                 "middlebox drops idle connection {host} <-> node{node}"
             ));
             self.partition(host, format!("node{node}"));
+        }
+    }
+
+    /// The host a device's traffic leaves from: its own, or the forwarder
+    /// of the address it connected from.
+    fn path_host(&self, dev: &Dev) -> String {
+        match self.via.get(dev).cloned().flatten() {
+            Some(via) => crate::scenario::address_host(dev.0, &dev.1, &via),
+            None => device_host(dev.0, &dev.1),
         }
     }
 
@@ -1080,7 +1225,13 @@ impl Driver<'_> {
         // (user, id); a story may name one (reused, or 0).
         let next = self.next_id.entry(from.0).or_insert(0);
         let id = match id {
-            Some(id) => id,
+            // The story's own ids are the user's too: later automatic ids
+            // (and the liveness probes) come after them, as a client's
+            // counter would.
+            Some(id) => {
+                *next = (*next).max(id);
+                id
+            }
             None => {
                 *next += 1;
                 *next
@@ -1098,10 +1249,19 @@ impl Driver<'_> {
 
     fn apply(&mut self, action: &Action) {
         match action {
-            Action::Connect { user, device, node } => {
+            Action::Connect {
+                user,
+                device,
+                node,
+                via,
+            } => {
                 let dev = (*user, device.clone());
                 self.home.insert(dev.clone(), *node);
-                self.agents[&dev].mailbox.post(Cmd::Connect { node: *node });
+                self.via.insert(dev.clone(), via.clone());
+                self.agents[&dev].mailbox.post(Cmd::Connect {
+                    node: *node,
+                    via: via.clone(),
+                });
             }
             Action::Disconnect { user, device } => self.agents[&(*user, device.clone())]
                 .mailbox
@@ -1109,7 +1269,7 @@ impl Driver<'_> {
             Action::Vanish { user, device } => {
                 let dev = (*user, device.clone());
                 let node = self.home[&dev];
-                let host = device_host(*user, device);
+                let host = self.path_host(&dev);
                 self.fault(format!(
                     "{host} vanishes (partitioned from node{node}, then its socket is dropped)"
                 ));
@@ -1120,10 +1280,11 @@ impl Driver<'_> {
                 let dev = (*user, device.clone());
                 let node = self.home[&dev];
                 let host = device_host(*user, device);
+                let path = self.path_host(&dev);
                 self.fault(format!(
                     "{host} powers off (partitioned from node{node}, then its host dies for good)"
                 ));
-                self.partition(host.clone(), format!("node{node}"));
+                self.partition(path, format!("node{node}"));
                 self.crash_host(&host);
                 // Its client dies with it: the device's connection is gone
                 // as far as the device is concerned.
@@ -1150,20 +1311,29 @@ impl Driver<'_> {
                     });
                 }
             }
-            Action::Reconnect { user, device, node } => {
+            Action::Reconnect {
+                user,
+                device,
+                node,
+                via,
+            } => {
                 let dev = (*user, device.clone());
                 let old = self.home[&dev];
                 let node = node.unwrap_or(old);
-                // The path to the node it reconnects to works again; a path
-                // to another node stays as it is (the old connection there
-                // stays half-open).
-                let pair = ordered(device_host(*user, device), format!("node{node}"));
+                self.via.insert(dev.clone(), via.clone());
+                // The path it reconnects on works again; any other path
+                // stays as it is (the old connection there stays
+                // half-open, or its traffic held).
+                let pair = ordered(self.path_host(&dev), format!("node{node}"));
                 if self.partitions.contains(&pair) {
                     self.fault(format!("heal {} <-> {} (user reconnects)", pair.0, pair.1));
                     self.repair(pair.0, pair.1);
                 }
                 self.home.insert(dev.clone(), node);
-                self.agents[&dev].mailbox.post(Cmd::Connect { node });
+                self.agents[&dev].mailbox.post(Cmd::Connect {
+                    node,
+                    via: via.clone(),
+                });
             }
             Action::Send {
                 from,
@@ -1180,6 +1350,7 @@ impl Driver<'_> {
             }
             Action::Drain { node } => {
                 self.fault(format!("drain node{node}"));
+                self.drained.insert(*node);
                 if let Some(stop) = self.drains.get(node) {
                     stop.notify_one();
                 }
@@ -1192,6 +1363,16 @@ impl Driver<'_> {
                 self.fault(format!("heal {a} <-> {b}"));
                 self.repair(a.clone(), b.clone());
             }
+            Action::Hold { a, b } => {
+                self.fault(format!("hold {a} <-> {b} (traffic delayed until released)"));
+                self.sim.hold(a.as_str(), b.as_str());
+                self.holds.insert(ordered(a.clone(), b.clone()));
+            }
+            Action::Release { a, b } => {
+                self.fault(format!("release {a} <-> {b} (held traffic delivered)"));
+                self.sim.release(a.as_str(), b.as_str());
+                self.holds.remove(&ordered(a.clone(), b.clone()));
+            }
             Action::Crash { node } => {
                 self.fault(format!("crash node{node}"));
                 self.crash_host(&format!("node{node}"));
@@ -1201,6 +1382,7 @@ impl Driver<'_> {
                 self.fault(format!("restart node{node}"));
                 self.sim.bounce(format!("node{node}").as_str());
                 self.crashed.remove(node);
+                self.drained.remove(node);
             }
             Action::RedisStop => {
                 self.fault("redis stops".into());
@@ -1258,11 +1440,19 @@ impl Driver<'_> {
     /// Faults end: partitions repaired, crashed nodes and Redis restarted
     /// (Redis keeps its data), stuck readers resume, middleboxes removed.
     fn heal_all(&mut self) {
+        for (a, b) in std::mem::take(&mut self.holds) {
+            self.fault(format!("release {a} <-> {b}"));
+            self.sim.release(a.as_str(), b.as_str());
+        }
         for (a, b) in std::mem::take(&mut self.partitions) {
             self.fault(format!("heal {a} <-> {b}"));
             self.sim.repair(a.as_str(), b.as_str());
         }
-        for node in std::mem::take(&mut self.crashed) {
+        let down: BTreeSet<u64> = std::mem::take(&mut self.crashed)
+            .into_iter()
+            .chain(std::mem::take(&mut self.drained))
+            .collect();
+        for node in down {
             self.fault(format!("restart node{node}"));
             self.sim.bounce(format!("node{node}").as_str());
         }

@@ -9,6 +9,7 @@
 //!   generated runs hold on hardened, break each seed phase, and reach
 //!   every named dangerous state.
 //! - `reports`: `--junit` and `--timeline` write their files.
+//! - `cli`: `im-sim bugs` and `run --client`.
 //! - `checkers`: the checkers on hand-made histories: what they must flag,
 //!   and the false alarms they must not raise.
 //! - `bugs`: every guard a scenario names fails it when switched back on,
@@ -21,6 +22,7 @@
 mod bench;
 mod bugs;
 mod checkers;
+mod cli;
 mod determinism;
 mod generated;
 mod malformed;
