@@ -784,6 +784,45 @@ pub fn fuzz(
 /// The plan a sweep plays for `seed`: drawn from [`plans`] with a
 /// generator seeded by `seed` alone, and played with turmoil seed `seed`.
 pub fn plan_for_seed(seed: u64, ops_max: usize) -> Plan {
+    sample(plans(ops_max), seed)
+}
+
+/// Calm plans: users who stay connected and talk (sends, bursts, for
+/// hardened a second device logging in), on one node for the seed's
+/// phases (which cannot route between nodes), on one to three for
+/// hardened; no fault of any kind. Nothing in such a story can break a
+/// promise of the profile, so any violation a checker reports is a false
+/// alarm (or a bug the calm itself exposes): `im-sim sweep --calm` checks
+/// the checkers.
+pub fn calm_plans(ops_max: usize, profile: Profile) -> impl Strategy<Value = Plan> {
+    let nodes_max: u64 = if profile.switches().hardened { 3 } else { 1 };
+    let hardened = profile.switches().hardened;
+    (0..1_000u64, 2..=3usize, 1..=nodes_max).prop_flat_map(move |(seed, users, nodes)| {
+        let user = 0..users;
+        let op = prop_oneof![
+            4 => wait_ms().prop_map(|ms| Op::Wait { ms }),
+            6 => (user.clone(), user.clone()).prop_map(|(from, to)| Op::Send { from, to }),
+            1 => (user.clone(), user.clone(), 20..400u64)
+                .prop_map(|(from, to, count)| Op::Burst { from, to, count }),
+            if hardened { 1 } else { 0 } => (user.clone(), 1..=nodes)
+                .prop_map(|(user, node)| Op::SecondDevice { user, node }),
+        ];
+        proptest::collection::vec(op, 1..=ops_max).prop_map(move |ops| Plan {
+            seed,
+            users,
+            nodes,
+            ops,
+        })
+    })
+}
+
+/// The calm plan of `seed` (see [`calm_plans`]).
+pub fn calm_plan_for_seed(seed: u64, ops_max: usize, profile: Profile) -> Plan {
+    sample(calm_plans(ops_max, profile), seed)
+}
+
+/// One value of `strategy`, fixed by `seed`.
+fn sample(strategy: impl Strategy<Value = Plan>, seed: u64) -> Plan {
     use proptest::strategy::ValueTree;
     use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
     let mut bytes = [0u8; 32];
@@ -793,7 +832,7 @@ pub fn plan_for_seed(seed: u64, ops_max: usize) -> Plan {
         Config::default(),
         TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
     );
-    let mut plan = plans(ops_max)
+    let mut plan = strategy
         .new_tree(&mut runner)
         .expect("the plan strategy has no filters, so it always generates")
         .current();

@@ -234,6 +234,10 @@ struct SweepArgs {
     /// Stops at the first failing seed (with --bug: how soon is it found?).
     #[arg(long)]
     first: bool,
+    /// Calm runs only (users who stay connected and talk; no fault): any
+    /// violation is a false alarm of a checker. Checks the checkers.
+    #[arg(long)]
+    calm: bool,
 }
 
 /// ` --bug NAME` for each bug, for replay commands.
@@ -252,6 +256,7 @@ fn sweep(args: SweepArgs) -> ExitCode {
         require_coverage,
         bugs,
         first,
+        calm,
     } = args;
     let bugs: std::collections::BTreeSet<Bug> = bugs.into_iter().collect();
     let bug_flags = bug_flags(&bugs);
@@ -277,7 +282,12 @@ fn sweep(args: SweepArgs) -> ExitCode {
     let mut failures = 0u64;
     for seed in mine {
         bar.set_message(format!("{failures} failed"));
-        let outcome = match run_seed(profile, seed, ops_max, &bugs) {
+        let run = if calm {
+            im_sim::sweep::run_calm_seed
+        } else {
+            run_seed
+        };
+        let outcome = match run(profile, seed, ops_max, &bugs) {
             Ok(o) => o,
             Err(e) => {
                 failures += 1;
@@ -292,8 +302,9 @@ fn sweep(args: SweepArgs) -> ExitCode {
             let names: Vec<&str> = outcome.violated().iter().map(|i| i.name()).collect();
             bar.suspend(|| {
                 println!("FAIL seed {seed}: violated {}", names.join(", "));
+                let calm = if calm { " --calm" } else { "" };
                 println!(
-                    "  replay: im-sim sweep --profile {profile} --seeds {seed}..={seed} --ops-max {ops_max}{bug_flags}"
+                    "  replay: im-sim sweep --profile {profile} --seeds {seed}..={seed} --ops-max {ops_max}{calm}{bug_flags}"
                 );
                 if let Some(dir) = &out {
                     let file = dir.join(format!("{}.toml", outcome.scenario.name));

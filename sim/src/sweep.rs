@@ -74,13 +74,46 @@ pub fn run_seed(
     ops_max: usize,
     bugs: &BTreeSet<Bug>,
 ) -> Result<Outcome, SimError> {
-    let scenario = compile(
-        &format!("sweep_{profile}_seed{seed}"),
+    run_plan(
         profile,
+        &format!("sweep_{profile}_seed{seed}"),
         &plan_for_seed(seed, ops_max),
+        bugs,
+    )
+}
+
+/// Plays the calm run of `seed` (`generate::calm_plans`): any violation
+/// is a false alarm of a checker, or a bug in calm weather.
+pub fn run_calm_seed(
+    profile: Profile,
+    seed: u64,
+    ops_max: usize,
+    bugs: &BTreeSet<Bug>,
+) -> Result<Outcome, SimError> {
+    let mut scenario = compile(
+        &format!("calm_{profile}_seed{seed}"),
+        profile,
+        &crate::generate::calm_plan_for_seed(seed, ops_max, profile),
     );
+    // The seed's deployment closes connections silent for the read idle
+    // timeout, and its clients never come back: calm means longer than
+    // the whole run.
+    scenario.timeouts.idle = crate::scenario::Dur(std::time::Duration::from_secs(3600));
+    play(&scenario, bugs)
+}
+
+fn run_plan(
+    profile: Profile,
+    name: &str,
+    plan: &crate::generate::Plan,
+    bugs: &BTreeSet<Bug>,
+) -> Result<Outcome, SimError> {
+    play(&compile(name, profile, plan), bugs)
+}
+
+fn play(scenario: &crate::Scenario, bugs: &BTreeSet<Bug>) -> Result<Outcome, SimError> {
     crate::run_scenario(
-        &scenario,
+        scenario,
         RunOptions {
             bugs: bugs.clone(),
             ..RunOptions::default()

@@ -76,3 +76,21 @@ fn generated_runs_find_a_failure_in_each_seed_phase_within_five_cases() {
         assert!(found.is_some(), "{profile}: no failure in 5 generated runs");
     }
 }
+
+/// Checking the checkers: calm runs (users who stay connected and talk, no
+/// fault) cannot break any profile's promise, so every checker must hold
+/// on them, under every profile. (`im-sim sweep --calm` runs more.)
+#[test]
+fn calm_runs_are_never_flagged_under_any_profile() {
+    use im_sim::sweep::run_calm_seed;
+    for profile in Profile::ALL {
+        for seed in 0..6 {
+            let outcome = run_calm_seed(profile, seed, 12, &Default::default()).unwrap();
+            assert!(
+                outcome.passed(),
+                "{profile} seed {seed}: a false alarm? replay with `im-sim sweep --calm --profile {profile} --seeds {seed}..={seed}`\n{}",
+                outcome.report()
+            );
+        }
+    }
+}
