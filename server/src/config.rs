@@ -321,9 +321,9 @@ impl Bug {
         }
     }
 
-    /// The live test (in `server/tests/it/`) that guards a bug the
-    /// simulation cannot express (a process signal, allocator memory,
-    /// keys in a real Redis); `None` for bugs a scenario guards.
+    /// The live test (in `server/tests/it/`) that guards a bug on real
+    /// parts (a process signal, allocator memory, keys expiring in a real
+    /// Redis); `None` for bugs only scenarios guard. Some bugs have both.
     pub fn live_guard(self) -> Option<&'static str> {
         match self {
             Bug::SigtermKills => Some("signals::sigterm_drains_connections_and_releases_leases"),

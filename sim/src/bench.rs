@@ -308,6 +308,7 @@ pub fn soak_scenario(users: usize, minutes: u64, seed: u64, tick: Duration) -> S
         },
         trailing_end: crate::generate::story_end(&steps),
         addresses: Default::default(),
+        tokens: Default::default(),
         steps,
     }
 }
@@ -403,6 +404,7 @@ pub fn reconnect_scenario(seed: u64) -> Scenario {
         },
         trailing_end: story_end(&steps),
         addresses: Default::default(),
+        tokens: Default::default(),
         steps,
     }
 }

@@ -48,10 +48,13 @@ pub enum Sometimes {
     /// A path's traffic was held, then released in order (a delayed close
     /// or FIN arriving late).
     HeldThenReleased,
+    /// The server refused a send for good (a recipient who never logged
+    /// in, a text over the limit, a reused id for another text).
+    SendRefused,
 }
 
 impl Sometimes {
-    pub const ALL: [Sometimes; 10] = [
+    pub const ALL: [Sometimes; 11] = [
         Sometimes::ReconnectWhileOldOpen,
         Sometimes::LateCleanupAfterReconnect,
         Sometimes::PushToHalfOpenPeer,
@@ -62,6 +65,7 @@ impl Sometimes {
         Sometimes::InboxAtLimit,
         Sometimes::SendStraddlingRedisRestart,
         Sometimes::HeldThenReleased,
+        Sometimes::SendRefused,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +82,7 @@ impl Sometimes {
             Sometimes::InboxAtLimit => "inbox_at_limit",
             Sometimes::SendStraddlingRedisRestart => "send_straddling_redis_restart",
             Sometimes::HeldThenReleased => "held_then_released",
+            Sometimes::SendRefused => "send_refused",
         }
     }
 }
@@ -200,7 +205,10 @@ pub fn reached(run: &RunResult) -> Reached {
             Event::SendRetry { reason, .. } if reason.contains("inbox is full") => {
                 hit(Sometimes::InboxAtLimit)
             }
-            Event::SendResult { key, .. } => {
+            Event::SendResult { key, accepted, .. } => {
+                if !accepted {
+                    hit(Sometimes::SendRefused);
+                }
                 if let Some(at) = asked.remove(key)
                     && restarted.iter().any(|&r| at <= r && r <= rec.at)
                 {
@@ -258,27 +266,19 @@ pub fn reached(run: &RunResult) -> Reached {
 /// When each connection was dropped on its client's side, keyed by the
 /// device's host, the node and the server's connection id.
 fn dropped_by_client(records: &[crate::history::Record]) -> BTreeMap<(String, u64, u64), Duration> {
-    let mut node_of = BTreeMap::new();
     let mut dropped = BTreeMap::new();
     for r in records {
-        match &r.event {
-            Event::Connected {
-                user,
-                device,
-                node,
-                conn,
-            } => {
-                node_of.insert((device_host(*user, device), *conn), *node);
-            }
-            Event::Closed {
-                user, device, conn, ..
-            } => {
-                let host = device_host(*user, device);
-                if let Some(&node) = node_of.get(&(host.clone(), *conn)) {
-                    dropped.entry((host, node, *conn)).or_insert(r.at);
-                }
-            }
-            _ => {}
+        if let Event::Closed {
+            user,
+            device,
+            node,
+            conn,
+            ..
+        } = &r.event
+        {
+            dropped
+                .entry((device_host(*user, device), *node, *conn))
+                .or_insert(r.at);
         }
     }
     dropped

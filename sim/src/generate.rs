@@ -28,7 +28,7 @@ use im_server::Profile;
 use proptest::prelude::*;
 
 use crate::scenario::{
-    Action, DEFAULT_DEVICE, Dur, Expect, Network, Scenario, TimedStep, Timeouts,
+    Action, DEFAULT_DEVICE, Dur, Expect, Network, Scenario, TimedStep, Timeouts, TokenForm,
 };
 
 /// Users of generated runs: 1001, 1002, ...
@@ -163,6 +163,44 @@ pub enum Op {
         from: usize,
         to: usize,
     },
+    /// `user` logs in on [`ODD_TOKEN_DEVICE`] with its token written in
+    /// another form (a buggy app): the hardened server must refuse it.
+    OddLogin {
+        user: usize,
+        node: u64,
+        form: TokenForm,
+    },
+    /// `from` sends to [`STRANGER`], a user who never logs in (a typo, a
+    /// deleted account, a scraper): the hardened server must refuse it.
+    SendToStranger {
+        from: usize,
+    },
+    /// `from` sends `to` a text of `bytes` bytes, around the hardened text
+    /// limit: at most the limit is stored, above it refused.
+    SendLong {
+        from: usize,
+        to: usize,
+        bytes: usize,
+    },
+}
+
+/// The device that writes its login token in a non-canonical form.
+pub const ODD_TOKEN_DEVICE: &str = "tablet";
+
+/// The recipient no generated user is: it never logs in.
+pub const STRANGER: u64 = 9_999;
+
+/// A text of exactly `bytes` bytes, saying its own size.
+pub fn long_text(bytes: usize) -> String {
+    let head = format!("{bytes} bytes ");
+    padded(&head[..head.len().min(bytes)], bytes)
+}
+
+/// `head` padded with '.' to exactly `bytes` bytes (`head` fits).
+pub fn padded(head: &str, bytes: usize) -> String {
+    let mut text = head.to_owned();
+    text.extend(std::iter::repeat_n('.', bytes.saturating_sub(head.len())));
+    text
 }
 
 impl Op {
@@ -234,6 +272,15 @@ fn wait_ms() -> impl Strategy<Value = u64> {
     ]
 }
 
+/// Text sizes at and around the hardened limit, and well over it.
+fn text_bytes() -> impl Strategy<Value = usize> {
+    let max = im_server::config::Hardened::default().text_bytes_max;
+    prop_oneof![
+        3 => (max - 1)..=(max + 1),
+        1 => (max + 2)..=(max * 4),
+    ]
+}
+
 fn op(users: usize, nodes: u64) -> impl Strategy<Value = Op> {
     let user = 0..users;
     let node = 1..=nodes;
@@ -270,7 +317,15 @@ fn op(users: usize, nodes: u64) -> impl Strategy<Value = Op> {
             |(from, to, ms, keep_data)| Op::SendAcrossRestart { from, to, ms, keep_data }
         ),
         2 => (user.clone(), user.clone()).prop_map(|(from, to)| Op::FloodAwayReader { from, to }),
-        2 => (user, 0..40u64).prop_map(|(user, ms)| Op::LeaveWhileCut { user, ms }),
+        2 => (user.clone(), 0..40u64).prop_map(|(user, ms)| Op::LeaveWhileCut { user, ms }),
+        1 => user.clone().prop_map(|from| Op::SendToStranger { from }),
+        1 => (user.clone(), node.clone(), prop_oneof![
+            Just(TokenForm::UppercaseSignature),
+            Just(TokenForm::PlusSign),
+            Just(TokenForm::LeadingZeros),
+        ])
+            .prop_map(|(user, node, form)| Op::OddLogin { user, node, form }),
+        1 => (user.clone(), user, text_bytes()).prop_map(|(from, to, bytes)| Op::SendLong { from, to, bytes }),
     ]
 }
 
@@ -310,6 +365,7 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
     let mut elsewhere = vec![false; plan.users];
     let mut addresses: BTreeMap<(u64, String), std::collections::BTreeSet<String>> =
         BTreeMap::new();
+    let mut tokens = BTreeMap::new();
     for (i, &node) in home.iter().enumerate() {
         clients.insert(user_id(i), ClientProfile::Compliant);
         devices.push((user_id(i), DEFAULT_DEVICE.to_owned()));
@@ -485,6 +541,36 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                 count: 1,
                 id: Some(id),
             },
+            Op::OddLogin { user, node, form }
+                if !tokens.contains_key(&(user_id(user), ODD_TOKEN_DEVICE.to_owned()))
+                    && !crashed[node as usize] =>
+            {
+                let dev = (user_id(user), ODD_TOKEN_DEVICE.to_owned());
+                tokens.insert(dev.clone(), form);
+                devices.push(dev);
+                Action::Connect {
+                    user: user_id(user),
+                    device: ODD_TOKEN_DEVICE.into(),
+                    node,
+                    via: None,
+                }
+            }
+            Op::SendToStranger { from } if connected[from] => Action::Send {
+                from: user_id(from),
+                device: DEFAULT_DEVICE.into(),
+                to: STRANGER,
+                text: Some("to a stranger".into()),
+                count: 1,
+                id: None,
+            },
+            Op::SendLong { from, to, bytes } if connected[from] && from != to => Action::Send {
+                from: user_id(from),
+                device: DEFAULT_DEVICE.into(),
+                to: user_id(to),
+                text: Some(long_text(bytes)),
+                count: 1,
+                id: None,
+            },
             Op::SecondDevice { user, node } if !second[user] && !crashed[node as usize] => {
                 second[user] = true;
                 devices.push((user_id(user), SECOND_DEVICE.to_owned()));
@@ -522,6 +608,7 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
         },
         trailing_end: story_end(&steps),
         addresses,
+        tokens,
         steps,
     }
 }
@@ -578,9 +665,13 @@ pub fn to_toml(s: &Scenario, comment: &str) -> String {
                 node,
                 via,
             } => format!(
-                "do = \"connect\", user = {user}{}, node = {node}{}",
+                "do = \"connect\", user = {user}{}, node = {node}{}{}",
                 dev(device),
-                via_of(via)
+                via_of(via),
+                s.tokens
+                    .get(&(*user, device.clone()))
+                    .map(|t| format!(", token = \"{}\"", t.name()))
+                    .unwrap_or_default()
             ),
             Action::Disconnect { user, device } => {
                 format!("do = \"disconnect\", user = {user}{}", dev(device))

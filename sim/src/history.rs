@@ -42,6 +42,8 @@ pub enum Event {
     Closed {
         user: u64,
         device: String,
+        /// The node the connection was on: `conn` numbers are per node.
+        node: u64,
         conn: u64,
         cause: String,
         code: Option<u16>,
@@ -75,6 +77,8 @@ pub enum Event {
     Delivered {
         to: u64,
         device: String,
+        /// The node of the connection it arrived on (`conn` is per node).
+        node: u64,
         conn: u64,
         key: MsgKey,
         text: String,
@@ -191,6 +195,7 @@ impl fmt::Display for Event {
                 conn,
                 key,
                 text,
+                ..
             } => write!(
                 f,
                 "{} (conn {conn}) received {key}: {text:?}",

@@ -29,14 +29,20 @@ pub enum Invariant {
     /// After faults heal, every pair of users the story leaves online can
     /// talk both ways (the seed's own criterion).
     Liveness,
+    /// The hardened server refuses what it promises to refuse, and stores
+    /// none of it: a send to a user who never logged in, a text over the
+    /// text limit, a login token not in canonical form. (The seed's phases
+    /// promise no refusals.)
+    Refusals,
 }
 
 impl Invariant {
-    pub const ALL: [Invariant; 4] = [
+    pub const ALL: [Invariant; 5] = [
         Invariant::Delivery,
         Invariant::NoFalseSuccess,
         Invariant::Presence,
         Invariant::Liveness,
+        Invariant::Refusals,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +51,7 @@ impl Invariant {
             Invariant::NoFalseSuccess => "no_false_success",
             Invariant::Presence => "presence",
             Invariant::Liveness => "liveness",
+            Invariant::Refusals => "refusals",
         }
     }
 }
@@ -276,6 +283,7 @@ pub fn check(run: &RunResult) -> Vec<Verdict> {
         no_false_success(run),
         presence(run),
         liveness(run),
+        refusals(run),
     ]
 }
 
@@ -300,7 +308,7 @@ fn delivery(history: &History, stored_twice: &BTreeSet<(u64, MsgKey)>) -> Verdic
     let mut last = BTreeMap::<(u64, String, u64, String), (usize, MsgKey)>::new();
     // The newest connection of each device: a delivery on an older one
     // went to a superseded connection.
-    let mut newest = BTreeMap::<(u64, String), u64>::new();
+    let mut newest = BTreeMap::<(u64, String), (u64, u64)>::new();
     for r in &history.records {
         let (now, e) = (r.at, &r.event);
         if let Event::Fault { what } = e
@@ -309,14 +317,18 @@ fn delivery(history: &History, stored_twice: &BTreeSet<(u64, MsgKey)>) -> Verdic
             empty_restarts.push(now);
         }
         if let Event::Connected {
-            user, device, conn, ..
+            user,
+            device,
+            node,
+            conn,
         } = e
         {
-            newest.insert((*user, device.clone()), *conn);
+            newest.insert((*user, device.clone()), (*node, *conn));
         }
         let Event::Delivered {
             to,
             device,
+            node,
             conn,
             key,
             text,
@@ -326,7 +338,7 @@ fn delivery(history: &History, stored_twice: &BTreeSet<(u64, MsgKey)>) -> Verdic
         };
         if newest
             .get(&(*to, device.clone()))
-            .is_some_and(|n| n != conn)
+            .is_some_and(|n| *n != (*node, *conn))
         {
             problems.push(format!(
                 "{key} delivered to {to} ({device}) on superseded connection {conn}"
@@ -402,19 +414,26 @@ pub fn promised_devices<'a>(run: &'a RunResult, f: &MessageFate) -> Vec<&'a str>
 
 /// Devices with an open connection at `at`, as their clients saw it.
 fn live_devices_at(history: &History, at: Duration) -> BTreeSet<(u64, String)> {
-    let mut live = BTreeMap::<(u64, String), u64>::new();
+    let mut live = BTreeMap::<(u64, String), (u64, u64)>::new();
     for r in history.records.iter().take_while(|r| r.at <= at) {
         match &r.event {
             Event::Connected {
-                user, device, conn, ..
+                user,
+                device,
+                node,
+                conn,
             } => {
-                live.insert((*user, device.clone()), *conn);
+                live.insert((*user, device.clone()), (*node, *conn));
             }
             Event::Closed {
-                user, device, conn, ..
+                user,
+                device,
+                node,
+                conn,
+                ..
             } => {
                 let dev = (*user, device.clone());
-                if live.get(&dev) == Some(conn) {
+                if live.get(&dev) == Some(&(*node, *conn)) {
                     live.remove(&dev);
                 }
             }
@@ -500,19 +519,26 @@ fn no_false_success(run: &RunResult) -> Verdict {
 
 /// Devices whose latest connection is still open, as their clients see it.
 pub fn live_devices(history: &History) -> BTreeSet<(u64, String)> {
-    let mut live = BTreeMap::<(u64, String), u64>::new();
+    let mut live = BTreeMap::<(u64, String), (u64, u64)>::new();
     for e in history.events() {
         match e {
             Event::Connected {
-                user, device, conn, ..
+                user,
+                device,
+                node,
+                conn,
             } => {
-                live.insert((*user, device.clone()), *conn);
+                live.insert((*user, device.clone()), (*node, *conn));
             }
             Event::Closed {
-                user, device, conn, ..
+                user,
+                device,
+                node,
+                conn,
+                ..
             } => {
                 let dev = (*user, device.clone());
-                if live.get(&dev) == Some(conn) {
+                if live.get(&dev) == Some(&(*node, *conn)) {
                     live.remove(&dev);
                 }
             }
@@ -543,6 +569,64 @@ fn presence(run: &RunResult) -> Verdict {
     }
     Verdict {
         invariant: Invariant::Presence,
+        problems,
+        notes: Vec::new(),
+    }
+}
+
+/// The hardened server's refusals: a recipient the server cannot know (no
+/// user of the story, so it never logged in and has no key in Redis) and a
+/// text over `Hardened::text_bytes_max` are answered "refused", never
+/// "sent", and never reach an inbox; a login token not in canonical form
+/// never logs in.
+fn refusals(run: &RunResult) -> Verdict {
+    let mut problems = Vec::new();
+    if !run.inbox {
+        return Verdict {
+            invariant: Invariant::Refusals,
+            problems,
+            notes: vec!["the seed's phases promise no refusals".to_owned()],
+        };
+    }
+    let text_max = im_server::config::Hardened::default().text_bytes_max;
+    for ((k, _), f) in fates(&run.history) {
+        if f.accepted != Some(true) {
+            continue;
+        }
+        if !run.users.contains(&f.to) {
+            problems.push(format!(
+                "{k} to {}, a user who never logged in, told sent",
+                f.to
+            ));
+        }
+        if f.text.len() > text_max {
+            problems.push(format!(
+                "{k} to {}: a text of {} bytes (over the {text_max}-byte limit) told sent",
+                f.to,
+                f.text.len()
+            ));
+        }
+    }
+    for e in run.history.events() {
+        if let Event::Connected {
+            user, device, conn, ..
+        } = e
+            && run.odd_tokens.contains(&(*user, device.clone()))
+        {
+            problems.push(format!(
+                "{user} ({device}) logged in (conn {conn}) with a token not in canonical form"
+            ));
+        }
+    }
+    for (to, key) in &run.stored {
+        if !run.users.contains(to) {
+            problems.push(format!(
+                "{key} stored in the inbox of {to}, a user who never logged in"
+            ));
+        }
+    }
+    Verdict {
+        invariant: Invariant::Refusals,
         problems,
         notes: Vec::new(),
     }

@@ -402,12 +402,16 @@ fn connections(out: &mut String, o: &Outcome) {
             Event::Closed {
                 user,
                 device,
+                node,
                 conn,
                 cause,
                 ..
             } => {
                 let name = who(*user, device);
-                if let Some(i) = open.iter().position(|(w, c, ..)| *w == name && c == conn) {
+                if let Some(i) = open
+                    .iter()
+                    .position(|(w, c, n, _)| *w == name && c == conn && n == node)
+                {
                     let (w, c, node, at) = open.remove(i);
                     rows.push(format!(
                         "  {:<20} {:<6} {:<6} {:<9} {:<9} {cause}",

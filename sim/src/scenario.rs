@@ -36,8 +36,11 @@
 //! (silent loss: partition, then the client drops its socket, so its FIN is
 //! lost), `power_off` (the device dies for good while cut off: no FIN, no
 //! RST, ever; it takes no further steps), `reconnect` (heals a vanish, drops any old socket, connects
-//! anew), `send` (`count = N` for a burst; `id = N` for an explicit client
-//! message id, e.g. a reused one, or 0), `wait`, `partition`/`heal` (between two hosts),
+//! anew; `connect` takes `token = "uppercase_signature" | "plus_sign" |
+//! "leading_zeros"` for a device whose app writes its correctly signed
+//! token in a non-canonical form, which the hardened server must refuse), `send` (`count = N` for a burst; `id = N` for an explicit client
+//! message id, e.g. a reused one, or 0; `size = N` pads the text with '.'
+//! to exactly N bytes), `wait`, `partition`/`heal` (between two hosts),
 //! `crash`/`restart` (a server node), `drain` (a node's graceful
 //! shutdown: its clients are told to go elsewhere), `redis_stop`/`redis_restart`
 //! (`keep_data = true|false`), `redis_slow` (every reply delayed by `delay`),
@@ -209,6 +212,9 @@ pub enum Step {
         /// Connect from another network address (e.g. "cell"): the host
         /// `user<ID>@<via>`, its own link to the nodes.
         via: Option<String>,
+        /// How the device writes its login token (default canonical): a
+        /// device of a buggy app signing another form of the same token.
+        token: Option<TokenForm>,
         at: Option<Dur>,
     },
     Disconnect {
@@ -246,6 +252,9 @@ pub enum Step {
         device: Option<String>,
         to: u64,
         text: Option<String>,
+        /// Pads the text with '.' to exactly this many bytes (a long
+        /// message, e.g. one over the server's text limit).
+        size: Option<usize>,
         /// Sends this many messages at once (a burst), default 1.
         count: Option<u64>,
         /// The client message id to use (default: the user's next one). A
@@ -415,6 +424,53 @@ pub enum Action {
     },
 }
 
+/// How a device writes its signed login token (`im_proto::token`). The
+/// hardened server accepts only the canonical form, so every other form
+/// names the same user and is refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenForm {
+    #[default]
+    Canonical,
+    /// The signature in uppercase hex.
+    UppercaseSignature,
+    /// The user id written `+ID`, signed as written.
+    PlusSign,
+    /// The user id written with leading zeros, signed as written.
+    LeadingZeros,
+}
+
+impl TokenForm {
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenForm::Canonical => "canonical",
+            TokenForm::UppercaseSignature => "uppercase_signature",
+            TokenForm::PlusSign => "plus_sign",
+            TokenForm::LeadingZeros => "leading_zeros",
+        }
+    }
+
+    /// A token for `user` until `expires_unix_s`, signed with `secret`,
+    /// written in this form.
+    pub fn mint(self, secret: &[u8], user: u64, expires_unix_s: u64) -> String {
+        let canonical = im_proto::token::mint(secret, im_proto::UserId(user), expires_unix_s);
+        let signed = |id: String| {
+            // Signed as written: the signature covers the odd payload.
+            let payload = format!("v1.{id}.{expires_unix_s}");
+            im_proto::token::sign_payload(secret, &payload)
+        };
+        match self {
+            TokenForm::Canonical => canonical,
+            TokenForm::UppercaseSignature => {
+                let (payload, sig) = canonical.rsplit_once('.').expect("a minted token");
+                format!("{payload}.{}", sig.to_uppercase())
+            }
+            TokenForm::PlusSign => signed(format!("+{user}")),
+            TokenForm::LeadingZeros => signed(format!("000{user}")),
+        }
+    }
+}
+
 /// A loaded, validated scenario.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scenario {
@@ -436,6 +492,8 @@ pub struct Scenario {
     pub trailing_end: Duration,
     /// Other network addresses each device connects from (`via`).
     pub addresses: BTreeMap<(u64, String), std::collections::BTreeSet<String>>,
+    /// Devices that write their login token in a non-canonical form.
+    pub tokens: BTreeMap<(u64, String), TokenForm>,
 }
 
 impl Scenario {
@@ -505,6 +563,35 @@ impl Scenario {
         // Every network address a device connects from besides its own
         // (`via`), known before the steps so faults may name them anywhere.
         let mut addresses = BTreeMap::<(u64, String), std::collections::BTreeSet<String>>::new();
+        let mut tokens = BTreeMap::<(u64, String), TokenForm>::new();
+        for spanned in &file.steps {
+            if let Step::Connect {
+                user,
+                device,
+                token: Some(form),
+                ..
+            } = spanned.get_ref()
+            {
+                let device = device.clone().unwrap_or_else(|| DEFAULT_DEVICE.to_owned());
+                let dev = (*user, device);
+                match tokens.get(&dev) {
+                    Some(other) if other != form => {
+                        return Err((
+                            spanned.span(),
+                            format!(
+                                "token = {:?}: this device already writes its token as {:?}",
+                                form.name(),
+                                other.name()
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
+                if *form != TokenForm::Canonical {
+                    tokens.insert(dev, *form);
+                }
+            }
+        }
         for spanned in &file.steps {
             let (user, device, via) = match spanned.get_ref() {
                 Step::Connect {
@@ -682,12 +769,29 @@ impl Scenario {
                     device,
                     to,
                     text,
+                    size,
                     count,
                     id,
                     ..
                 } => {
                     let d = dev(from, device);
                     known(&d, "send")?;
+                    let text = match size {
+                        None => text,
+                        Some(size) if size > 1 << 20 => {
+                            return Err(err(format!("size = {size} (at most 1048576)")));
+                        }
+                        Some(size) => {
+                            let head = text.unwrap_or_default();
+                            if head.len() > size {
+                                return Err(err(format!(
+                                    "size = {size} is shorter than the text ({} bytes)",
+                                    head.len()
+                                )));
+                            }
+                            Some(crate::generate::padded(&head, size))
+                        }
+                    };
                     let count = count.unwrap_or(1);
                     if !(1..=100_000).contains(&count) {
                         return Err(err(format!("count = {count} (expected 1 to 100000)")));
@@ -813,6 +917,7 @@ impl Scenario {
             steps,
             trailing_end: now,
             addresses,
+            tokens,
         })
     }
 }

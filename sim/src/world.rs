@@ -65,6 +65,11 @@ pub struct RunResult {
     /// after a message was sent still receives it. The seed's phases push
     /// only to connections that exist when the message is sent.
     pub inbox: bool,
+    /// Every user the story names (the only users who can ever log in).
+    pub users: BTreeSet<u64>,
+    /// Devices whose login token is not in canonical form (the hardened
+    /// server must refuse them).
+    pub odd_tokens: BTreeSet<Dev>,
 }
 
 /// A turmoil listener behind the server's transport seam; each accepted
@@ -282,6 +287,11 @@ struct AgentCtx {
     /// The highest inbox sequence this device received: an app keeps it
     /// across restarts, so a new client session resumes after it.
     last_seq: std::cell::Cell<u64>,
+    /// The node of the seed-style client's current connection (its
+    /// `conn` numbers are that node's).
+    client_node: std::cell::Cell<u64>,
+    /// How the device writes its login token.
+    token: crate::scenario::TokenForm,
 }
 
 impl AgentCtx {
@@ -289,8 +299,8 @@ impl AgentCtx {
         self.history.borrow_mut().push(now(), event);
     }
 
-    /// The client saw connection `conn` end.
-    fn closed(&self, conn: u64, cause: &im_client::CloseCause) -> Event {
+    /// The client saw connection `conn` (of `node`) end.
+    fn closed(&self, node: u64, conn: u64, cause: &im_client::CloseCause) -> Event {
         let code = match cause {
             im_client::CloseCause::ByServer { code, .. } => Some(*code),
             _ => None,
@@ -298,17 +308,19 @@ impl AgentCtx {
         Event::Closed {
             user: self.user,
             device: self.device.clone(),
+            node,
             conn,
             cause: format!("{cause:?}"),
             code,
         }
     }
 
-    /// The app ended connection `conn` itself.
-    fn closed_as(&self, conn: u64, why: &str) -> Event {
+    /// The app ended connection `conn` (of `node`) itself.
+    fn closed_as(&self, node: u64, conn: u64, why: &str) -> Event {
         Event::Closed {
             user: self.user,
             device: self.device.clone(),
+            node,
             conn,
             cause: why.into(),
             code: None,
@@ -394,6 +406,7 @@ async fn agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
                 match event {
                     Some(ClientEvent::Delivered { from, text, client_msg_id, .. }) => ctx.record(Event::Delivered {
                         to: ctx.user, device: ctx.device.clone(),
+                        node: ctx.client_node.get(),
                         conn,
                         key: MsgKey { from: from.0, id: client_msg_id },
                         text,
@@ -405,7 +418,7 @@ async fn agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
                     }),
                     Some(ClientEvent::ServerError { code, detail }) => ctx.record(Event::ServerError { user: ctx.user, device: ctx.device.clone(), code, detail }),
                     Some(ClientEvent::Closed(cause)) => {
-                        ctx.record(ctx.closed(conn, &cause));
+                        ctx.record(ctx.closed(ctx.client_node.get(), conn, &cause));
                         client = None;
                     }
                     None => client = None,
@@ -430,7 +443,11 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
             if let Some(old) = client.take() {
                 // A reconnecting app abandons its old socket (FIN, no close frame).
                 let _ = old.abort().await;
-                ctx.record(ctx.closed_as(old.conn_id().0, "abandoned for a new connection"));
+                ctx.record(ctx.closed_as(
+                    ctx.client_node.get(),
+                    old.conn_id().0,
+                    "abandoned for a new connection",
+                ));
             }
             let host = format!("node{node}");
             let mut options = Options::new(UserId(ctx.user), format!("ws://{host}:{WS_PORT}/ws"));
@@ -452,6 +469,7 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
                     ctx.activity
                         .last_ms
                         .store(now().as_millis() as u64, Ordering::Relaxed);
+                    ctx.client_node.set(node);
                     ctx.record(Event::Connected {
                         user: ctx.user,
                         device: ctx.device.clone(),
@@ -477,7 +495,7 @@ async fn agent_command(ctx: &AgentCtx, client: &mut Option<Client>, cmd: Cmd) {
         Cmd::Abort => {
             if let Some(c) = client.take() {
                 let _ = c.abort().await;
-                ctx.record(ctx.closed_as(c.conn_id().0, "vanished"));
+                ctx.record(ctx.closed_as(ctx.client_node.get(), c.conn_id().0, "vanished"));
             }
         }
         Cmd::PauseReading(paused) => {
@@ -502,12 +520,13 @@ async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
     // First, so dropped last in a power-off (see `crash`).
     let _guard = ctx.yard.guard();
     let mut client: Option<Resilient> = None;
-    let mut conn = 0u64;
+    // The current connection: (node, the node's connection id).
+    let mut conn = (0u64, 0u64);
     // Closed by the story; its Stopped event may still be on the way.
     let mut closed = false;
     // A closed client still finishing its close while a new one runs, and
     // the connection it had.
-    let mut retiring: Option<(Resilient, u64)> = None;
+    let mut retiring: Option<(Resilient, (u64, u64))> = None;
     let mut pending: VecDeque<Cmd> = VecDeque::new();
     loop {
         // Reading or not is the app's, not its send queue's: a pause or
@@ -633,21 +652,20 @@ async fn hardened_agent(ctx: Rc<AgentCtx>) -> turmoil::Result {
 }
 
 /// Records one event of a hardened device's client; true once it stopped.
-fn record_resilient(ctx: &AgentCtx, conn: &mut u64, event: Option<ResilientEvent>) -> bool {
+fn record_resilient(ctx: &AgentCtx, conn: &mut (u64, u64), event: Option<ResilientEvent>) -> bool {
     let node = ctx.home.load(Ordering::Relaxed);
     match event {
         Some(ResilientEvent::Connected { conn_id }) => {
-            *conn = conn_id;
-            let node = ctx.reached.load(Ordering::Relaxed);
+            *conn = (ctx.reached.load(Ordering::Relaxed), conn_id);
             ctx.record(Event::Connected {
                 user: ctx.user,
                 device: ctx.device.clone(),
-                node,
-                conn: *conn,
+                node: conn.0,
+                conn: conn.1,
             });
         }
         Some(ResilientEvent::Disconnected { conn_id, cause }) => {
-            ctx.record(ctx.closed(conn_id, &cause))
+            ctx.record(ctx.closed(conn.0, conn_id, &cause))
         }
         Some(ResilientEvent::ConnectFailed { error }) => ctx.record(Event::ConnectFailed {
             user: ctx.user,
@@ -676,7 +694,8 @@ fn record_resilient(ctx: &AgentCtx, conn: &mut u64, event: Option<ResilientEvent
             ctx.record(Event::Delivered {
                 to: ctx.user,
                 device: ctx.device.clone(),
-                conn: *conn,
+                node: conn.0,
+                conn: conn.1,
                 key: MsgKey {
                     from: from.0,
                     id: client_msg_id,
@@ -762,7 +781,9 @@ fn start_resilient(ctx: &AgentCtx) -> Resilient {
     // The user's frame handling: the seed's legacy client reads every frame
     // as a business message, under the resilient logic too.
     options.profile = ctx.profile;
-    options.token = im_proto::token::mint(AUTH_SECRET, user, unix_ms() / 1000 + 86_400);
+    options.token = ctx
+        .token
+        .mint(AUTH_SECRET, user.0, unix_ms() / 1000 + 86_400);
     options.device = ctx.device.clone();
     options.login_timeout = ctx.connect_timeout;
     options.resume_after_seq = ctx.last_seq.get();
@@ -813,7 +834,12 @@ pub fn run(
         config.auth_secret = Some(AUTH_SECRET.to_vec());
         config.clock = Arc::new(unix_ms);
         config.bugs = bugs.clone();
-        let drain = Arc::new(Notify::new());
+        // A drain is asked of the node's current incarnation only: a
+        // restart withdraws it, so the new process does not drain at once
+        // (a Notify would keep the unconsumed permit of a drain and a
+        // restart in one millisecond).
+        let (drain, _) = tokio::sync::watch::channel(false);
+        let drain = Arc::new(drain);
         drains.insert(n, drain.clone());
         let wire = wire.clone();
         let yard = Graveyard::default();
@@ -840,7 +866,9 @@ pub fn run(
                             wire,
                             yard,
                         },
-                        drain.notified(),
+                        async move {
+                            let _ = drain.subscribe().wait_for(|asked| *asked).await;
+                        },
                     )
                     .await;
                 // Drained: the process stays down until the scenario
@@ -866,6 +894,12 @@ pub fn run(
             activity: Arc::new(Activity::default()),
             history: history.clone(),
             last_seq: std::cell::Cell::new(0),
+            client_node: std::cell::Cell::new(0),
+            token: scenario
+                .tokens
+                .get(&(user, device.clone()))
+                .copied()
+                .unwrap_or_default(),
             yard: Graveyard::default(),
         });
         agents.insert((user, device.clone()), ctx.clone());
@@ -919,7 +953,7 @@ pub fn run(
     driver.heal_all();
     driver.advance_to(end_of_story + settle)?;
 
-    let intended_online = intended_online(scenario);
+    let intended_online = intended_online(scenario, profile);
     driver.phase("quiescence");
     let redis_online = if driver.redis_down {
         None
@@ -972,6 +1006,8 @@ pub fn run(
     merge_presence_writes(&mut history, &redis);
     Ok(RunResult {
         inbox: profile.switches().hardened,
+        users: scenario.users().into_iter().collect(),
+        odd_tokens: scenario.tokens.keys().cloned().collect(),
         history,
         redis_online,
         intended_online,
@@ -1041,8 +1077,9 @@ fn stored_messages(redis: &SharedRedis) -> (Stored, Stored) {
     (stored, twice)
 }
 
-/// Devices whose last story step leaves them connected.
-fn intended_online(scenario: &Scenario) -> BTreeSet<Dev> {
+/// Devices whose last story step leaves them connected (a device whose
+/// token the hardened server must refuse is never expected online).
+fn intended_online(scenario: &Scenario, profile: Profile) -> BTreeSet<Dev> {
     let mut online = BTreeMap::new();
     for step in &scenario.steps {
         match &step.action {
@@ -1059,7 +1096,7 @@ fn intended_online(scenario: &Scenario) -> BTreeSet<Dev> {
     }
     online
         .into_iter()
-        .filter(|(_, on)| *on)
+        .filter(|(d, on)| *on && !(profile.switches().hardened && scenario.tokens.contains_key(d)))
         .map(|(d, _)| d)
         .collect()
 }
@@ -1128,8 +1165,9 @@ struct Driver<'a> {
     redis_down: bool,
     /// device -> idle time after which the middlebox drops its connection.
     middleboxes: BTreeMap<Dev, Duration>,
-    /// Per node: resolves the server's shutdown future (a drain).
-    drains: BTreeMap<u64, Arc<Notify>>,
+    /// Per node: whether its current incarnation is asked to drain (the
+    /// server's shutdown future waits for it).
+    drains: BTreeMap<u64, Arc<tokio::sync::watch::Sender<bool>>>,
     /// The network facts the wire taps stamp on their records.
     net: Arc<Mutex<NetState>>,
 }
@@ -1137,6 +1175,25 @@ struct Driver<'a> {
 impl Driver<'_> {
     /// Crashes `host`, dropping its streams in a deterministic order (see
     /// [`crate::crash`]).
+    /// Starts a node's process again: a new incarnation, not asked to
+    /// drain. A process still running (drained, or draining: a drain and a
+    /// restart in one millisecond) is killed first, its streams torn down
+    /// in a fixed order (`crash_host`); a bare bounce would drop them in
+    /// the order of the server's own maps.
+    fn restart_node(&mut self, node: u64) {
+        self.fault(format!("restart node{node}"));
+        if let Some(drain) = self.drains.get(&node) {
+            drain.send_replace(false);
+        }
+        let host = format!("node{node}");
+        if !self.crashed.contains(&node) {
+            self.crash_host(&host);
+        }
+        self.sim.bounce(host.as_str());
+        self.crashed.remove(&node);
+        self.drained.remove(&node);
+    }
+
     fn crash_host(&mut self, host: &str) {
         let yard = self.yards.get(host).cloned().unwrap_or_default();
         yard.crash(|| self.sim.crash(host));
@@ -1296,15 +1353,16 @@ impl Driver<'_> {
                         Event::Connected {
                             user: u,
                             device: d,
+                            node,
                             conn,
-                            ..
-                        } if *u == dev.0 && *d == dev.1 => Some(*conn),
+                        } if *u == dev.0 && *d == dev.1 => Some((*node, *conn)),
                         _ => last,
                     });
-                if let Some(conn) = last_conn {
+                if let Some((node, conn)) = last_conn {
                     self.record(Event::Closed {
                         user: *user,
                         device: device.clone(),
+                        node,
                         conn,
                         cause: "powered off".into(),
                         code: None,
@@ -1352,7 +1410,7 @@ impl Driver<'_> {
                 self.fault(format!("drain node{node}"));
                 self.drained.insert(*node);
                 if let Some(stop) = self.drains.get(node) {
-                    stop.notify_one();
+                    stop.send_replace(true);
                 }
             }
             Action::Partition { a, b } => {
@@ -1378,12 +1436,7 @@ impl Driver<'_> {
                 self.crash_host(&format!("node{node}"));
                 self.crashed.insert(*node);
             }
-            Action::Restart { node } => {
-                self.fault(format!("restart node{node}"));
-                self.sim.bounce(format!("node{node}").as_str());
-                self.crashed.remove(node);
-                self.drained.remove(node);
-            }
+            Action::Restart { node } => self.restart_node(*node),
             Action::RedisStop => {
                 self.fault("redis stops".into());
                 self.crash_host("redis");
@@ -1448,13 +1501,9 @@ impl Driver<'_> {
             self.fault(format!("heal {a} <-> {b}"));
             self.sim.repair(a.as_str(), b.as_str());
         }
-        let down: BTreeSet<u64> = std::mem::take(&mut self.crashed)
-            .into_iter()
-            .chain(std::mem::take(&mut self.drained))
-            .collect();
+        let down: BTreeSet<u64> = self.crashed.union(&self.drained).copied().collect();
         for node in down {
-            self.fault(format!("restart node{node}"));
-            self.sim.bounce(format!("node{node}").as_str());
+            self.restart_node(node);
         }
         if self.redis_down {
             self.fault("redis restarts with its data".into());

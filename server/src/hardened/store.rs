@@ -263,8 +263,9 @@ fn dedup_key(cfg: &Config, to: UserId, from: UserId, client_msg_id: u64) -> Stri
 
 /// The `seq_taken_before_store` bug: a number from INCR in one round trip,
 /// the insert in the next, so concurrent stores for one user can land out
-/// of sequence order. (The historical store: no recipient check, no
-/// backlog limit, a window trim, dedup by id.)
+/// of sequence order. (The historical store: no backlog limit, a window
+/// trim, dedup by id. It refuses unknown recipients as today's store does,
+/// so this switch brings back the ordering bug alone.)
 async fn store_in_two_steps(
     shared: &Shared,
     node: &Node,
@@ -272,11 +273,17 @@ async fn store_in_two_steps(
     from: UserId,
     client_msg_id: u64,
     envelope: &[u8],
-) -> Result<u64, RedisError> {
+) -> Result<u64, Refused> {
     let cfg = &shared.config;
     let h = cfg.hardened;
     let dedup = dedup_key(cfg, to, from, client_msg_id);
     let seq_key = cfg.user_key(to, "seq");
+    let mut exists = redis::cmd("EXISTS");
+    exists.arg(cfg.user_key(to, "user"));
+    let known: bool = shared.redis.query(&exists).await?;
+    if !known && !cfg.has(Bug::UnknownRecipientsStored) {
+        return Err(Refused::UnknownRecipient(to));
+    }
     let (stored, seq): (Option<String>, u64) = shared
         .redis
         .query_pipe(

@@ -43,6 +43,7 @@ fn delivered(h: &mut History, at: u64, to: u64, device: &str, from: u64, id: u64
         Event::Delivered {
             to,
             device: device.into(),
+            node: 1,
             conn: 1,
             key: key(from, id),
             text: text.into(),
@@ -72,6 +73,8 @@ fn run(history: History, online: &[(u64, &str)]) -> RunResult {
         elapsed: ms(10_000),
         wire: Vec::new(),
         inbox: true,
+        users: online.iter().map(|(u, _)| *u).collect(),
+        odd_tokens: BTreeSet::new(),
     }
 }
 
@@ -257,4 +260,129 @@ fn a_message_stored_before_an_empty_restart_is_exempt_even_if_sent_was_heard_aft
         !v.holds(),
         "stored after the restart and never delivered: a lie"
     );
+}
+
+fn refused(h: &mut History, at: u64, from: u64, id: u64, to: u64, text: &str) {
+    h.push(
+        ms(at),
+        Event::Sent {
+            key: key(from, id),
+            device: "phone".into(),
+            to,
+            text: text.into(),
+            probe: false,
+        },
+    );
+    h.push(
+        ms(at + 1),
+        Event::SendResult {
+            key: key(from, id),
+            accepted: false,
+            reason: "refused".into(),
+        },
+    );
+}
+
+#[test]
+fn a_send_to_a_user_who_never_logged_in_told_sent_breaks_the_refusals_promise() {
+    let mut h = History::default();
+    connected(&mut h, 0, 1001, "phone");
+    sent(&mut h, 10, 1001, "phone", 1, 4242, "to nobody");
+    let mut r = run(h, &[(1001, "phone")]);
+    r.stored.insert((4242, key(1001, 1)));
+    let v = verdict(&r, Invariant::Refusals);
+    assert_eq!(
+        v.problems.len(),
+        2,
+        "told sent and stored: {:?}",
+        v.problems
+    );
+}
+
+#[test]
+fn a_text_over_the_limit_told_sent_breaks_the_refusals_promise_and_one_at_it_does_not() {
+    let max = im_server::config::Hardened::default().text_bytes_max;
+    let mut h = History::default();
+    connected(&mut h, 0, 1001, "phone");
+    connected(&mut h, 0, 1002, "phone");
+    sent(&mut h, 10, 1001, "phone", 1, 1002, &"a".repeat(max));
+    delivered(&mut h, 20, 1002, "phone", 1001, 1, &"a".repeat(max));
+    sent(&mut h, 30, 1001, "phone", 2, 1002, &"b".repeat(max + 1));
+    delivered(&mut h, 40, 1002, "phone", 1001, 2, &"b".repeat(max + 1));
+    let online = [(1001, "phone"), (1002, "phone")];
+    let v = verdict(&run(h, &online), Invariant::Refusals);
+    assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
+    assert!(v.problems[0].contains("1001#2"), "{:?}", v.problems);
+}
+
+#[test]
+fn refused_sends_to_strangers_and_over_long_texts_keep_every_promise() {
+    let max = im_server::config::Hardened::default().text_bytes_max;
+    let mut h = History::default();
+    connected(&mut h, 0, 1001, "phone");
+    refused(&mut h, 10, 1001, 1, 4242, "to nobody");
+    refused(&mut h, 20, 1001, 2, 1001, &"b".repeat(max + 1));
+    let r = run(h, &[(1001, "phone")]);
+    for v in invariants::check(&r) {
+        assert!(v.holds(), "{}: {:?}", v.invariant, v.problems);
+    }
+}
+
+#[test]
+fn the_seed_phases_promise_no_refusals() {
+    let mut h = History::default();
+    connected(&mut h, 0, 1001, "phone");
+    sent(&mut h, 10, 1001, "phone", 1, 4242, "to nobody");
+    let mut r = run(h, &[(1001, "phone")]);
+    r.inbox = false;
+    assert!(verdict(&r, Invariant::Refusals).holds());
+}
+
+#[test]
+fn a_late_close_on_one_node_does_not_end_the_same_numbered_connection_on_another() {
+    // Connection ids are per node: the phone's old conn 2 on node 1 closes
+    // (its node was cut from Redis, so the close is slow) after the phone
+    // logged in again on node 2, where it also got conn 2.
+    let mut h = History::default();
+    let on = |h: &mut History, at: u64, node: u64| {
+        h.push(
+            ms(at),
+            Event::Connected {
+                user: 1001,
+                device: "phone".into(),
+                node,
+                conn: 2,
+            },
+        )
+    };
+    on(&mut h, 0, 1);
+    on(&mut h, 240, 2);
+    h.push(
+        ms(733),
+        Event::Closed {
+            user: 1001,
+            device: "phone".into(),
+            node: 1,
+            conn: 2,
+            cause: "ByUser".into(),
+            code: None,
+        },
+    );
+    assert!(invariants::live_devices(&h).contains(&(1001, "phone".to_owned())));
+    let r = run(h, &[(1001, "phone")]);
+    assert!(verdict(&r, Invariant::Liveness).holds());
+    assert!(verdict(&r, Invariant::Presence).holds());
+}
+
+#[test]
+fn a_login_with_a_token_not_in_canonical_form_breaks_the_refusals_promise() {
+    let mut h = History::default();
+    connected(&mut h, 0, 1001, "phone");
+    connected(&mut h, 5, 1001, "tablet");
+    let mut r = run(h, &[(1001, "phone")]);
+    assert!(verdict(&r, Invariant::Refusals).holds());
+    r.odd_tokens.insert((1001, "tablet".to_owned()));
+    let v = verdict(&r, Invariant::Refusals);
+    assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
+    assert!(v.problems[0].contains("tablet"), "{:?}", v.problems);
 }
