@@ -78,6 +78,16 @@ enum Command {
         /// Where the scenario files are.
         #[arg(long, default_value = "scenarios")]
         scenarios: PathBuf,
+        /// Instead, sweeps each bug's generated runs (hardened, --ops-max
+        /// 12) over these seeds and prints the first that finds it, as
+        /// the table `sim/first-seeds.toml` (a long run: 0..500 takes
+        /// about 2 hours in a release build, mostly the bugs not found).
+        #[arg(long, value_name = "SEEDS", value_parser = im_sim::sweep::parse_seeds)]
+        first_seeds: Option<std::ops::Range<u64>>,
+        /// With --first-seeds: compares with this table and fails (exit 1)
+        /// on any difference.
+        #[arg(long, value_name = "FILE", requires = "first_seeds")]
+        check: Option<PathBuf>,
     },
     /// Measures the simulation (use a release build): simulated time and
     /// messages per wall second on a heartbeat soak, and a reconnect story
@@ -153,7 +163,12 @@ fn main() -> ExitCode {
             ops_max,
         } => fuzz(profile, cases, seed, &out, ops_max),
         Command::Sweep(args) => sweep(args),
-        Command::Bugs { scenarios } => bugs(&scenarios),
+        Command::Bugs {
+            first_seeds: Some(seeds),
+            check,
+            ..
+        } => first_seeds(seeds, check.as_deref()),
+        Command::Bugs { scenarios, .. } => bugs(&scenarios),
         Command::Bench {
             users,
             minutes,
@@ -397,6 +412,71 @@ struct RunFlags {
 }
 
 /// `im-sim bugs`: every bug switch, what it does, what guards it.
+/// `im-sim bugs --first-seeds`: how soon the generated runs find each bug.
+fn first_seeds(seeds: std::ops::Range<u64>, check: Option<&Path>) -> ExitCode {
+    use im_sim::sweep::{beyond_simulation, first_finding, parse_first_seeds};
+    let recorded = match check.map(std::fs::read_to_string).transpose() {
+        Ok(text) => match text.as_deref().map(parse_first_seeds).transpose() {
+            Ok(table) => table,
+            Err(e) => {
+                eprintln!("error: {}: {e}", check.unwrap_or(Path::new("")).display());
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {}: {e}", check.unwrap_or(Path::new("")).display());
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    println!(
+        "# First seed of `im-sim sweep --profile hardened --seeds {}..{} --first --bug NAME` that fails.",
+        seeds.start, seeds.end
+    );
+    let mut differences = 0;
+    let mut found_lines = Vec::new();
+    let mut not_found_lines = Vec::new();
+    for bug in Bug::ALL {
+        if let Some(why) = beyond_simulation(bug) {
+            println!("# {bug}: beyond the simulation ({why})");
+            continue;
+        }
+        let (found, runs) = match first_finding(bug, seeds.clone()) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: {bug}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match found {
+            Some(seed) => found_lines.push(format!("{bug} = {seed}")),
+            None => not_found_lines.push(format!(
+                "{bug} = \"{}..{}\"  # {runs} runs",
+                seeds.start, seeds.end
+            )),
+        }
+        if let Some(table) = &recorded {
+            let want = table.get(&bug).copied();
+            if want != Some(found) {
+                differences += 1;
+                let says = match want {
+                    None => "nothing".to_owned(),
+                    Some(None) => "not found".to_owned(),
+                    Some(Some(seed)) => format!("seed {seed}"),
+                };
+                let finds = found.map_or("nothing".to_owned(), |seed| format!("seed {seed}"));
+                eprintln!("DIFFERS {bug}: the table says {says}, the sweep finds {finds}");
+            }
+        }
+    }
+    println!("[found]\n{}", found_lines.join("\n"));
+    println!("\n[not_found]\n{}", not_found_lines.join("\n"));
+    if differences > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 fn bugs(scenarios: &Path) -> ExitCode {
     let files = match collect(&[scenarios.to_owned()]) {
         Ok(files) => files,

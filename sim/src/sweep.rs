@@ -121,6 +121,70 @@ fn play(scenario: &crate::Scenario, bugs: &BTreeSet<Bug>) -> Result<Outcome, Sim
     )
 }
 
+/// Where the table of first-finding seeds lives, from the workspace root.
+pub const FIRST_SEEDS_FILE: &str = "sim/first-seeds.toml";
+
+/// The profile and run size the table of first-finding seeds is for.
+pub const FIRST_SEEDS_PROFILE: Profile = Profile::Hardened;
+pub const FIRST_SEEDS_OPS_MAX: usize = 12;
+
+/// The table: per bug switch, the first seed of the generated runs
+/// ([`FIRST_SEEDS_PROFILE`], [`FIRST_SEEDS_OPS_MAX`]) that fails with it
+/// switched on (`[found]`), or `None` for a bug no seed of the searched
+/// range finds (`[not_found]`, with the range). Bugs the simulation cannot
+/// express are in neither.
+pub fn parse_first_seeds(text: &str) -> Result<BTreeMap<Bug, Option<u64>>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Table {
+        #[serde(default)]
+        found: BTreeMap<String, u64>,
+        #[serde(default)]
+        not_found: BTreeMap<String, String>,
+    }
+    let table: Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    let bug = |name: &str| name.parse::<Bug>().map_err(|e| e.to_string());
+    let mut out = BTreeMap::new();
+    for (name, seed) in table.found {
+        out.insert(bug(&name)?, Some(seed));
+    }
+    for (name, range) in table.not_found {
+        parse_seeds(&range)?;
+        if out.insert(bug(&name)?, None).is_some() {
+            return Err(format!("{name} is both found and not found"));
+        }
+    }
+    Ok(out)
+}
+
+/// Why the simulation cannot find `bug`, if it cannot: it lives where no
+/// simulated run reaches (the process's signal handling, the allocator's
+/// memory). Their live tests guard them (`Bug::live_guard`).
+pub fn beyond_simulation(bug: Bug) -> Option<&'static str> {
+    match bug {
+        Bug::SigtermKills => Some("a process signal: the simulation runs no process"),
+        Bug::BuffersKeepLargeFrames => {
+            Some("memory held by idle connections: no checker sees the allocator")
+        }
+        _ => None,
+    }
+}
+
+/// The first seed in `seeds` whose generated run fails with `bug`
+/// switched on, or `None`; also how many runs that took.
+pub fn first_finding(bug: Bug, seeds: Range<u64>) -> Result<(Option<u64>, u64), SimError> {
+    let bugs = BTreeSet::from([bug]);
+    let mut runs = 0;
+    for seed in seeds {
+        runs += 1;
+        let outcome = run_seed(FIRST_SEEDS_PROFILE, seed, FIRST_SEEDS_OPS_MAX, &bugs)?;
+        if !outcome.passed() {
+            return Ok((Some(seed), runs));
+        }
+    }
+    Ok((None, runs))
+}
+
 /// How often each dangerous state was reached across runs.
 #[derive(Clone, Debug, Default)]
 pub struct Tally {

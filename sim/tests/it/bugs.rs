@@ -94,3 +94,102 @@ fn an_unknown_guard_is_refused_with_its_position() {
     assert!(message.contains("unknown bug \"no_such_bug\""), "{message}");
     assert_eq!(&text[span], "\"no_such_bug\"");
 }
+
+/// How far back the default test run checks that no earlier seed finds a
+/// bug; the whole table is checked by `im-sim bugs --first-seeds 0..500
+/// --check sim/first-seeds.toml` (a long run, documented in the README).
+const EARLIER_SEEDS_CHECKED: u64 = 2;
+
+// Two halves of `Bug::ALL`, so the test harness's threads share the runs.
+#[test]
+fn the_first_seed_table_holds_for_the_first_half_of_the_bugs() {
+    first_seed_table_holds(|i| i % 2 == 0);
+}
+
+#[test]
+fn the_first_seed_table_holds_for_the_second_half_of_the_bugs() {
+    first_seed_table_holds(|i| i % 2 == 1);
+}
+
+/// The table covers every bug (found, not found in the searched range, or
+/// beyond the simulation with a live test); each recorded seed finds its
+/// bug and passes without it; the seeds before it (up to
+/// [`EARLIER_SEEDS_CHECKED`]) do not find it.
+fn first_seed_table_holds(mine: impl Fn(usize) -> bool) {
+    use im_sim::sweep::{
+        FIRST_SEEDS_FILE, FIRST_SEEDS_OPS_MAX, FIRST_SEEDS_PROFILE, beyond_simulation,
+        first_finding, parse_first_seeds, run_seed,
+    };
+    let path = crate::scenarios_dir().join("..").join(FIRST_SEEDS_FILE);
+    let table = parse_first_seeds(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut not_found = Vec::new();
+    for (_, bug) in Bug::ALL.into_iter().enumerate().filter(|(i, _)| mine(*i)) {
+        let seed = match (beyond_simulation(bug), table.get(&bug)) {
+            (Some(why), Some(_)) => panic!("{bug} is in the table, yet {why}"),
+            (Some(why), None) => {
+                assert!(
+                    bug.live_guard().is_some(),
+                    "{bug} is beyond the simulation ({why}) and has no live test"
+                );
+                continue;
+            }
+            (None, None) => panic!(
+                "{bug} is not in {FIRST_SEEDS_FILE}; search for it with \
+                 `im-sim bugs --first-seeds 0..500`"
+            ),
+            (None, Some(None)) => {
+                // Searched and not found (the table's [not_found], checked
+                // by the documented long command): the seeds this run
+                // affords must not find it either, or the table is stale.
+                let (found, _) = first_finding(bug, 0..EARLIER_SEEDS_CHECKED).unwrap();
+                assert_eq!(
+                    found, None,
+                    "{bug}: seed {found:?} finds it; move it to [found] in {FIRST_SEEDS_FILE}"
+                );
+                not_found.push(bug.name());
+                continue;
+            }
+            (None, Some(Some(seed))) => *seed,
+        };
+        assert!(
+            seed < 500,
+            "{bug}: first found at seed {seed}, not within 500"
+        );
+        let with_bug = run_seed(
+            FIRST_SEEDS_PROFILE,
+            seed,
+            FIRST_SEEDS_OPS_MAX,
+            &BTreeSet::from([bug]),
+        )
+        .unwrap();
+        assert!(
+            !with_bug.passed(),
+            "{bug}: seed {seed} no longer finds it:\n{}",
+            with_bug.report()
+        );
+        let without = run_seed(
+            FIRST_SEEDS_PROFILE,
+            seed,
+            FIRST_SEEDS_OPS_MAX,
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert!(
+            without.passed(),
+            "{bug}: seed {seed} fails without the bug, so it proves nothing:\n{}",
+            without.report()
+        );
+        let earlier = 0..seed.min(EARLIER_SEEDS_CHECKED);
+        let (found, _) = first_finding(bug, earlier.clone()).unwrap();
+        assert_eq!(
+            found, None,
+            "{bug}: seed {found:?} finds it before the recorded {seed}: update {FIRST_SEEDS_FILE}"
+        );
+    }
+    if !not_found.is_empty() {
+        eprintln!(
+            "not found by generated runs within the searched seeds: {}",
+            not_found.join(", ")
+        );
+    }
+}

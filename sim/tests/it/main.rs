@@ -26,6 +26,7 @@ mod cli;
 mod determinism;
 mod generated;
 mod malformed;
+mod mutation_gate;
 mod reports;
 mod scenarios;
 
