@@ -17,6 +17,21 @@ fn key(from: u64, id: u64) -> MsgKey {
 }
 
 fn sent(h: &mut History, at: u64, from: u64, device: &str, id: u64, to: u64, text: &str) {
+    answered(h, at, from, device, id, to, text, true);
+}
+
+/// A send handed over at `at` and answered (accepted or refused) 1 ms later.
+#[allow(clippy::too_many_arguments)]
+fn answered(
+    h: &mut History,
+    at: u64,
+    from: u64,
+    device: &str,
+    id: u64,
+    to: u64,
+    text: &str,
+    accepted: bool,
+) {
     h.push(
         ms(at),
         Event::Sent {
@@ -31,8 +46,12 @@ fn sent(h: &mut History, at: u64, from: u64, device: &str, id: u64, to: u64, tex
         ms(at + 1),
         Event::SendResult {
             key: key(from, id),
-            accepted: true,
-            reason: String::new(),
+            accepted,
+            reason: if accepted {
+                String::new()
+            } else {
+                "refused".into()
+            },
         },
     );
 }
@@ -263,24 +282,7 @@ fn a_message_stored_before_an_empty_restart_is_exempt_even_if_sent_was_heard_aft
 }
 
 fn refused(h: &mut History, at: u64, from: u64, id: u64, to: u64, text: &str) {
-    h.push(
-        ms(at),
-        Event::Sent {
-            key: key(from, id),
-            device: "phone".into(),
-            to,
-            text: text.into(),
-            probe: false,
-        },
-    );
-    h.push(
-        ms(at + 1),
-        Event::SendResult {
-            key: key(from, id),
-            accepted: false,
-            reason: "refused".into(),
-        },
-    );
+    answered(h, at, from, "phone", id, to, text, false);
 }
 
 #[test]
