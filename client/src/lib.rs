@@ -100,6 +100,11 @@ pub enum ClientError {
     LoginRefused(String),
     #[error("connection closed")]
     Closed,
+    /// The resilient client still waits for the answer to another message
+    /// with this client message id (another text or recipient): answers
+    /// name only the id, so the two could not be told apart.
+    #[error("client message id {0} is in use by a send still waiting for its answer")]
+    IdInUse(u64),
 }
 
 /// Client settings.

@@ -8,7 +8,10 @@
 //! `answer_timeout`, it goes again (same id; the server deduplicates), and
 //! a temporary refusal (`retry_after`) sends it again after that delay. It
 //! stops only when asked to, or when a newer connection of the same device
-//! supersedes it (close 4001).
+//! supersedes it (close 4001). Answers name only the client message id, so
+//! a second message with an id that still waits for its answer is refused
+//! at once ([`crate::ClientError::IdInUse`]); the same message again is a
+//! retry, answered once.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -52,8 +55,15 @@ pub struct Resilience {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     /// Sends not yet answered. While this many wait, [`Resilient::send`]
-    /// waits for an answer to free a place (backpressure).
+    /// waits for an answer to free a place (backpressure). Sends to a
+    /// recipient the server asked to wait for ("retry later": its inbox is
+    /// full, or Redis is away) do not count here but against
+    /// `parked_max`, so that one recipient who is away does not hold up
+    /// every other conversation.
     pub pending_max: usize,
+    /// Sends queued behind a "retry later" (see `pending_max`). While this
+    /// many wait as well, [`Resilient::send`] waits.
+    pub parked_max: usize,
     /// Delivered (sender, client_msg_id) pairs remembered to drop duplicates.
     pub dedup_window: usize,
     /// A send on the wire with no answer after this long is sent again,
@@ -69,6 +79,7 @@ impl Default for Resilience {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             pending_max: 1024,
+            parked_max: 4096,
             dedup_window: 4096,
             answer_timeout: Duration::from_secs(15),
         }
@@ -119,6 +130,27 @@ pub struct Resilient {
     commands: mpsc::Sender<Cmd>,
     controls: mpsc::Sender<Cmd>,
     events: mpsc::Receiver<ResilientEvent>,
+    waiting: Waiting,
+}
+
+/// The sends that wait for a final answer, by client message id (shared
+/// by the handles, which refuse a second message with an id in use, and
+/// the loop, which forgets an id once it is answered for good).
+type Waiting = Arc<std::sync::Mutex<BTreeMap<u64, (UserId, String)>>>;
+
+/// Takes `id` for a send of `text` to `to`: true if it is new, false for
+/// the same message again (an application's retry: it waits once, and one
+/// answer comes); `IdInUse` for another message with an id still waiting.
+fn claim(waiting: &Waiting, to: UserId, text: &str, id: u64) -> Result<bool, crate::ClientError> {
+    let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
+    match waiting.get(&id) {
+        Some((t, x)) if *t == to && x == text => Ok(false),
+        Some(_) => Err(crate::ClientError::IdInUse(id)),
+        None => {
+            waiting.insert(id, (to, text.to_owned()));
+            Ok(true)
+        }
+    }
 }
 
 /// Sends on a [`Resilient`] client from wherever its events are not read.
@@ -126,6 +158,7 @@ pub struct Resilient {
 pub struct ResilientSender {
     commands: mpsc::Sender<Cmd>,
     controls: mpsc::Sender<Cmd>,
+    waiting: Waiting,
 }
 
 impl ResilientSender {
@@ -136,12 +169,21 @@ impl ResilientSender {
         text: &str,
         client_msg_id: u64,
     ) -> Result<(), crate::ClientError> {
-        self.command(Cmd::Send {
-            to,
-            text: text.to_owned(),
-            id: client_msg_id,
-        })
-        .await
+        let new = claim(&self.waiting, to, text, client_msg_id)?;
+        let sent = self
+            .command(Cmd::Send {
+                to,
+                text: text.to_owned(),
+                id: client_msg_id,
+            })
+            .await;
+        if new && sent.is_err() {
+            self.waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&client_msg_id);
+        }
+        sent
     }
 
     /// As [`Resilient::close`].
@@ -215,11 +257,13 @@ impl Resilient {
             sends,
             controls: control_rx,
         };
-        tokio::spawn(run(dial, options, resilience, inputs, tx));
+        let waiting = Waiting::default();
+        tokio::spawn(run(dial, options, resilience, inputs, tx, waiting.clone()));
         Resilient {
             commands,
             controls,
             events,
+            waiting,
         }
     }
 
@@ -228,6 +272,7 @@ impl Resilient {
         ResilientSender {
             commands: self.commands.clone(),
             controls: self.controls.clone(),
+            waiting: self.waiting.clone(),
         }
     }
 
@@ -239,12 +284,21 @@ impl Resilient {
         text: &str,
         client_msg_id: u64,
     ) -> Result<(), crate::ClientError> {
-        self.command(Cmd::Send {
-            to,
-            text: text.to_owned(),
-            id: client_msg_id,
-        })
-        .await
+        let new = claim(&self.waiting, to, text, client_msg_id)?;
+        let sent = self
+            .command(Cmd::Send {
+                to,
+                text: text.to_owned(),
+                id: client_msg_id,
+            })
+            .await;
+        if new && sent.is_err() {
+            self.waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&client_msg_id);
+        }
+        sent
     }
 
     /// Closes cleanly and stops reconnecting.
@@ -297,11 +351,28 @@ struct Outbox {
     sends: BTreeMap<u64, (UserId, String)>,
     queues: BTreeMap<UserId, VecDeque<u64>>,
     due: BTreeMap<u64, tokio::time::Instant>,
+    /// Recipients whose head was refused "retry later" and not yet
+    /// answered for good: their queues are parked.
+    parked: BTreeSet<UserId>,
 }
 
 impl Outbox {
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.sends.len()
+    }
+
+    /// Whether another send may be taken: fewer than `pending_max` wait
+    /// in conversations that flow, and fewer than `parked_max` behind a
+    /// "retry later".
+    fn has_room(&self, r: &Resilience) -> bool {
+        let parked: usize = self
+            .parked
+            .iter()
+            .filter_map(|to| self.queues.get(to))
+            .map(VecDeque::len)
+            .sum();
+        self.sends.len() - parked < r.pending_max && parked < r.parked_max
     }
 
     /// Queues a send; true when it heads its queue (send it now). An id
@@ -340,6 +411,9 @@ impl Outbox {
     fn answered(&mut self, id: u64) -> Option<Option<(u64, UserId, String)>> {
         let (to, _) = self.sends.remove(&id)?;
         self.due.remove(&id);
+        if self.queues.get(&to).and_then(|q| q.front()) == Some(&id) {
+            self.parked.remove(&to);
+        }
         let Some(queue) = self.queues.get_mut(&to) else {
             return Some(None);
         };
@@ -396,6 +470,7 @@ async fn run(
     r: Resilience,
     mut commands: Inputs,
     events: mpsc::Sender<ResilientEvent>,
+    waiting: Waiting,
 ) {
     let mut st = State {
         last_seq: options.resume_after_seq,
@@ -427,7 +502,7 @@ async fn run(
         let outcome = loop {
             tokio::select! {
                 biased;
-                cmd = commands.next(st.outbox.len() < r.pending_max) => match cmd {
+                cmd = commands.next(st.outbox.has_room(&r)) => match cmd {
                     Some(Cmd::Send { to, text, id }) => {
                         st.outbox.push(to, text, id);
                     }
@@ -486,7 +561,7 @@ async fn run(
             }
             tokio::select! {
                 biased;
-                cmd = commands.next(st.outbox.len() < r.pending_max), if !stopping => match cmd {
+                cmd = commands.next(st.outbox.has_room(&r)), if !stopping => match cmd {
                     Some(Cmd::Send { to, text, id }) => {
                         if st.outbox.push(to, text.clone(), id) {
                             put_on_wire(&client, &mut st, &r, id, to, &text).await;
@@ -528,7 +603,8 @@ async fn run(
                     }
                     Some(Event::SendResult { client_msg_id, accepted, reason, code, retry_after }) => {
                         if !accepted && let Some(after) = retry_after {
-                            if st.outbox.head(client_msg_id).is_some() {
+                            if let Some((to, _)) = st.outbox.head(client_msg_id) {
+                                st.outbox.parked.insert(to);
                                 st.outbox.due.insert(client_msg_id, tokio::time::Instant::now() + after);
                                 let e = ResilientEvent::Retrying { client_msg_id, reason, after };
                                 let _ = events.send(e).await;
@@ -539,6 +615,7 @@ async fn run(
                             // The answer to a resend of something answered.
                             continue;
                         };
+                        waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&client_msg_id);
                         if let Some((id, to, text)) = next {
                             put_on_wire(&client, &mut st, &r, id, to, &text).await;
                         }
@@ -590,7 +667,7 @@ async fn wait_or_stop(
     loop {
         tokio::select! {
             biased;
-            cmd = commands.next(st.outbox.len() < r.pending_max) => match cmd {
+            cmd = commands.next(st.outbox.has_room(r)) => match cmd {
                 Some(Cmd::Send { to, text, id }) => {
                     st.outbox.push(to, text, id);
                 }
@@ -627,5 +704,66 @@ mod tests {
         assert_eq!(o.answered(3), Some(None));
         assert_eq!(o.answered(3), None, "a second answer is not an answer");
         assert_eq!(o.len(), 0);
+    }
+
+    #[test]
+    fn a_conversation_told_to_retry_later_does_not_use_up_the_room_of_the_others() {
+        let r = Resilience {
+            pending_max: 2,
+            parked_max: 3,
+            ..Resilience::default()
+        };
+        let mut o = Outbox::default();
+        o.push(UserId(2), "a".into(), 1);
+        o.push(UserId(2), "b".into(), 2);
+        assert!(!o.has_room(&r), "two unanswered: full");
+        // The server asks to retry 1 later (2's inbox is full): its
+        // conversation is parked, and the others have room again.
+        o.parked.insert(UserId(2));
+        assert!(o.has_room(&r));
+        o.push(UserId(2), "c".into(), 3);
+        assert!(!o.has_room(&r), "three parked: the parked room is full");
+        o.push(UserId(3), "d".into(), 4);
+        // Retried and accepted: the conversation flows again.
+        o.parked.clear();
+        o.push(UserId(2), "e".into(), 5);
+        assert_eq!(o.answered(1), Some(Some((2, UserId(2), "b".into()))));
+        assert!(o.parked.is_empty());
+        assert!(!o.has_room(&r), "four unanswered in flowing conversations");
+    }
+
+    #[test]
+    fn a_second_message_with_an_id_still_waiting_is_refused_and_a_retry_is_not() {
+        let waiting = Waiting::default();
+        assert!(claim(&waiting, UserId(2), "a", 1).unwrap(), "new");
+        assert!(
+            !claim(&waiting, UserId(2), "a", 1).unwrap(),
+            "the same message again: a retry"
+        );
+        assert!(matches!(
+            claim(&waiting, UserId(2), "b", 1),
+            Err(crate::ClientError::IdInUse(1))
+        ));
+        assert!(matches!(
+            claim(&waiting, UserId(3), "a", 1),
+            Err(crate::ClientError::IdInUse(1))
+        ));
+        waiting.lock().unwrap().remove(&1);
+        assert!(
+            claim(&waiting, UserId(2), "b", 1).unwrap(),
+            "answered: free again"
+        );
+    }
+
+    #[test]
+    fn the_final_answer_to_a_parked_head_unparks_its_conversation() {
+        let mut o = Outbox::default();
+        o.push(UserId(2), "a".into(), 1);
+        o.push(UserId(2), "b".into(), 2);
+        o.parked.insert(UserId(2));
+        assert_eq!(o.answered(2), Some(None), "not the head: still parked");
+        assert!(o.parked.contains(&UserId(2)));
+        assert_eq!(o.answered(1), Some(None));
+        assert!(o.parked.is_empty());
     }
 }
