@@ -97,6 +97,13 @@ pub enum Event {
     Stored { to: u64, key: MsgKey },
     /// The driver injected (or healed) a fault.
     Fault { what: String },
+    /// The faults in effect changed (recorded by the driver after each
+    /// step): links cut or held, and hosts down, drained, slow (Redis) or
+    /// not reading (a device). Empty lists: nothing is disturbed.
+    Disturbed {
+        links: Vec<(String, String)>,
+        hosts: Vec<String>,
+    },
     /// A phase of the run began (story, heal, liveness, end).
     Phase { name: String },
 }
@@ -214,6 +221,16 @@ impl fmt::Display for Event {
             Event::PresenceWrite { command } => write!(f, "redis: {command}"),
             Event::Stored { to, key } => write!(f, "redis: {key} stored in {to}'s inbox"),
             Event::Fault { what } => write!(f, "fault: {what}"),
+            Event::Disturbed { links, hosts } => {
+                let links: Vec<String> =
+                    links.iter().map(|(a, b)| format!("{a} <-> {b}")).collect();
+                write!(
+                    f,
+                    "in effect: links [{}], hosts [{}]",
+                    links.join(", "),
+                    hosts.join(", ")
+                )
+            }
             Event::Phase { name } => write!(f, "-- {name} --"),
         }
     }

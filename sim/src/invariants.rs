@@ -34,15 +34,34 @@ pub enum Invariant {
     /// text limit, a login token not in canonical form. (The seed's phases
     /// promise no refusals.)
     Refusals,
+    /// Hardened: in calm weather, nothing waits. A send from a connected
+    /// device is answered within [`PROMPT`], and an accepted message
+    /// reaches every device of its recipient connected all along within
+    /// [`PROMPT`] (or while others keep arriving there, each within
+    /// [`PROMPT`] of the last): a doorbell, a reply or a subscription
+    /// lost in calm weather shows as a wait for the next poll (10 s) or
+    /// the client's resend (15 s). Calm: no fault for [`CALM_AFTER`]
+    /// before, and none in effect on the path (the two devices, their
+    /// nodes, Redis) until the promise is due; the client waiting on the
+    /// server's "retry later" exempts the wait.
+    Promptness,
 }
 
+/// How long a calm send may wait for its answer, and a calm delivery for
+/// its device (see [`Invariant::Promptness`]).
+pub const PROMPT: Duration = Duration::from_secs(3);
+
+/// How long after any fault the weather counts as calm again.
+pub const CALM_AFTER: Duration = Duration::from_secs(1);
+
 impl Invariant {
-    pub const ALL: [Invariant; 5] = [
+    pub const ALL: [Invariant; 6] = [
         Invariant::Delivery,
         Invariant::NoFalseSuccess,
         Invariant::Presence,
         Invariant::Liveness,
         Invariant::Refusals,
+        Invariant::Promptness,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +71,7 @@ impl Invariant {
             Invariant::Presence => "presence",
             Invariant::Liveness => "liveness",
             Invariant::Refusals => "refusals",
+            Invariant::Promptness => "promptness",
         }
     }
 }
@@ -102,6 +122,8 @@ pub struct MessageFate {
     pub reason: String,
     /// Temporary refusals before the answer ("retry later").
     pub retries: usize,
+    /// When the (first) answer came.
+    pub answered_at: Option<Duration>,
     /// When, and on which of the recipient's devices, it arrived.
     pub deliveries: Vec<(Duration, String)>,
 }
@@ -143,6 +165,9 @@ pub fn fates(history: &History) -> BTreeMap<MsgId, MessageFate> {
     // Per key, the sends still waiting for an answer, oldest first.
     let mut unanswered = BTreeMap::<MsgKey, VecDeque<MsgId>>::new();
     let mut sent_by = BTreeMap::<(u64, String), usize>::new();
+    // (recipient, key) -> inserts Redis executed not yet matched to an
+    // acceptance.
+    let mut stores = BTreeMap::<(u64, MsgKey), usize>::new();
     for r in &history.records {
         match &r.event {
             Event::Sent {
@@ -193,15 +218,43 @@ pub fn fates(history: &History) -> BTreeMap<MsgId, MessageFate> {
                     f.retries += 1;
                 }
             }
+            Event::Stored { to, key } => *stores.entry((*to, *key)).or_default() += 1,
             Event::SendResult {
                 key,
                 accepted,
                 reason,
             } => {
-                let Some(id) = unanswered.get_mut(key).and_then(VecDeque::pop_front) else {
+                let Some(queue) = unanswered.get_mut(key) else {
                     continue;
                 };
+                // A client that reused an id (for another text, to another
+                // recipient) may have had its first send die unanswered
+                // with its connection: an acceptance belongs to the oldest
+                // send whose recipient's inbox got that key and has not
+                // been claimed (the store Redis executed), else the oldest.
+                let pick = if *accepted {
+                    queue
+                        .iter()
+                        .position(|id| {
+                            fates
+                                .get(id)
+                                .is_some_and(|f| stores.get(&(f.to, *key)).is_some_and(|&n| n > 0))
+                        })
+                        .unwrap_or(0)
+                } else {
+                    0
+                };
+                let Some(id) = queue.remove(pick) else {
+                    continue;
+                };
+                if *accepted
+                    && let Some(f) = fates.get(&id)
+                    && let Some(n) = stores.get_mut(&(f.to, *key))
+                {
+                    *n = n.saturating_sub(1);
+                }
                 let f = fates.entry(id).or_default();
+                f.answered_at.get_or_insert(r.at);
                 // A message sent twice keeps its first acceptance.
                 if f.accepted != Some(true) {
                     f.accepted = Some(*accepted);
@@ -284,6 +337,7 @@ pub fn check(run: &RunResult) -> Vec<Verdict> {
         presence(run),
         liveness(run),
         refusals(run),
+        promptness(run),
     ]
 }
 
@@ -409,7 +463,50 @@ pub fn promised_devices<'a>(run: &'a RunResult, f: &MessageFate) -> Vec<&'a str>
         let live = live_devices_at(&run.history, sent);
         devices.retain(|d| live.contains(&(f.to, d.to_string())));
     }
+    if run.inbox {
+        devices.retain(|d| !trimmed_before_login(run, f, d));
+    }
     devices
+}
+
+/// Hardened: whether `device` may find `f` trimmed when it logs in. The
+/// inbox keeps the `inbox_history_max` newest messages some device has
+/// acknowledged; so a message another device already had, followed by at
+/// least that many newer ones, is gone for a device that logs in only
+/// then (its LoginOk says so: `inbox_first_seq` above its resume point).
+fn trimmed_before_login(run: &RunResult, f: &MessageFate, device: &str) -> bool {
+    let Some(key) = f.key else {
+        return false;
+    };
+    let history = &run.history;
+    let Some(stored_at) = history.records.iter().find_map(|r| match &r.event {
+        Event::Stored { to, key: k } if *to == f.to && *k == key => Some(r.at),
+        _ => None,
+    }) else {
+        return false;
+    };
+    if live_devices_at(history, stored_at).contains(&(f.to, device.to_owned())) {
+        return false;
+    }
+    let Some(login) = history.records.iter().find_map(|r| match &r.event {
+        Event::Connected {
+            user, device: d, ..
+        } if r.at > stored_at && *user == f.to && d == device => Some(r.at),
+        _ => None,
+    }) else {
+        return false;
+    };
+    let had = f
+        .deliveries
+        .iter()
+        .any(|(at, d)| *at <= login && d != device);
+    let newer = history
+        .records
+        .iter()
+        .filter(|r| r.at > stored_at && r.at <= login)
+        .filter(|r| matches!(&r.event, Event::Stored { to, .. } if *to == f.to))
+        .count();
+    had && newer as u64 >= im_server::config::Hardened::default().inbox_history_max
 }
 
 /// Devices with an open connection at `at`, as their clients saw it.
@@ -567,11 +664,167 @@ fn presence(run: &RunResult) -> Verdict {
             }
         }
     }
+    if run.inbox {
+        problems.extend(resurrected_leases(&run.history));
+        problems.extend(lingering_superseded(run));
+    }
     Verdict {
         invariant: Invariant::Presence,
         problems,
         notes: Vec::new(),
     }
+}
+
+/// Hardened: a connection's lease, once released, never comes back (a
+/// late write of a refresh would show a user online who left: for as long
+/// as a lease, or, repeated, for good). Seen in Redis's own command log:
+/// a lease member added again after its removal.
+fn resurrected_leases(history: &History) -> Vec<String> {
+    let mut released = BTreeMap::<(String, String), Duration>::new();
+    let mut problems = Vec::new();
+    for r in &history.records {
+        let Event::PresenceWrite { command } = &r.event else {
+            continue;
+        };
+        let words: Vec<&str> = command.split(' ').collect();
+        match words.as_slice() {
+            [zrem, key, members @ ..]
+                if zrem.eq_ignore_ascii_case("ZREM") && key.ends_with(":conns") =>
+            {
+                for m in members {
+                    released
+                        .entry((key.to_string(), m.to_string()))
+                        .or_insert(r.at);
+                }
+            }
+            [zadd, key, rest @ ..]
+                if zadd.eq_ignore_ascii_case("ZADD") && key.ends_with(":conns") =>
+            {
+                // ZADD key [options] score member [score member ...]
+                let pairs: Vec<&str> = rest
+                    .iter()
+                    .copied()
+                    .skip_while(|w| w.parse::<f64>().is_err())
+                    .collect();
+                for m in pairs.chunks(2).filter_map(|c| c.get(1)) {
+                    if let Some(at) = released.get(&(key.to_string(), m.to_string())) {
+                        problems.push(format!(
+                            "lease {m} in {key} released at {} written again at {}",
+                            crate::history::fmt_time(*at),
+                            crate::history::fmt_time(r.at)
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    problems
+}
+
+/// The device a peer host name stands for: `user1001` (the default
+/// device), `user1001-laptop`, either behind another address (`@cell`).
+fn device_of_host(host: &str) -> Option<(u64, String)> {
+    let own = host.split('@').next()?;
+    let rest = own.strip_prefix("user")?;
+    match rest.split_once('-') {
+        Some((u, d)) => Some((u.parse().ok()?, d.to_owned())),
+        None => Some((
+            rest.parse().ok()?,
+            crate::scenario::DEFAULT_DEVICE.to_owned(),
+        )),
+    }
+}
+
+/// Hardened: a connection its device has replaced goes, at once if the
+/// news reaches its node (a doorbell: within [`PROMPT`] of a newer login
+/// in calm weather), else at its next lease refresh: within a heartbeat
+/// interval and [`PROMPT`] of the first calm moment after the newer
+/// login, on the wire (the server's close frame, or the
+/// stream's end, seen by the tap). A replaced connection that lingers
+/// holds its user's presence after a logout, and gets its messages.
+fn lingering_superseded(run: &RunResult) -> Vec<String> {
+    use crate::wire::Frame;
+    let bound = im_server::config::Hardened::default().heartbeat_interval + PROMPT;
+    let weather = Weather::of(&run.history);
+    let end = run
+        .history
+        .records
+        .iter()
+        .find(|r| matches!(&r.event, Event::Phase { name } if name == "heal"))
+        .map_or(run.elapsed, |r| r.at);
+    // Per stream: (device, node, logged in at, closed at).
+    let mut streams = BTreeMap::<u64, ((u64, String), u64, Duration, Option<Duration>)>::new();
+    for w in &run.wire {
+        match &w.frame {
+            Frame::LoginOk { .. } => {
+                if let Some(dev) = device_of_host(&w.peer) {
+                    streams.entry(w.stream).or_insert((dev, w.node, w.at, None));
+                }
+            }
+            Frame::Close { .. } | Frame::Ended => {
+                if let Some(s) = streams.get_mut(&w.stream) {
+                    s.3.get_or_insert(w.at);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut problems = Vec::new();
+    for (old_stream, (dev, old_node, old_at, old_closed)) in &streams {
+        // The first newer login of the same device, on any node.
+        let Some((new_node, new_at)) = streams
+            .values()
+            .filter(|(d, _, at, _)| d == dev && at > old_at)
+            .map(|(_, n, at, _)| (*n, *at))
+            .min_by_key(|&(_, at)| at)
+        else {
+            continue;
+        };
+        let path = |h: &str| {
+            h == "redis" || h == format!("node{old_node}") || h == format!("node{new_node}")
+        };
+        // The first calm stretch of `bound` from the newer login on.
+        // News of the newer login reaches the old node at once in calm
+        // weather; else the old connection learns it at its next lease
+        // refresh in the first calm stretch after.
+        let due = if weather.calm(&path, new_at, new_at + PROMPT) {
+            new_at + PROMPT
+        } else {
+            let starts = weather
+                .changes()
+                .map(|t| t + CALM_AFTER + Duration::from_millis(1))
+                .filter(|&t| t > new_at);
+            let Some(from) = starts
+                .take_while(|&t| t + bound <= end)
+                .find(|&t| weather.calm(&path, t, t + bound))
+            else {
+                continue;
+            };
+            from + bound
+        };
+        if due > end {
+            continue;
+        }
+        // A Redis that restarts empty forgets the newer generation, and
+        // the older connection cannot learn it was replaced (the fault
+        // model assumes a durable store): it goes at its heartbeat timeout.
+        let forgotten = run.history.records.iter().any(|r| {
+            r.at >= new_at
+                && r.at <= due
+                && matches!(&r.event, Event::Fault { what } if what == "redis restarts empty")
+        });
+        if !forgotten && old_closed.is_none_or(|c| c > due) {
+            problems.push(format!(
+                "{} ({}): node{old_node}'s stream {old_stream}, replaced at {}, still open at {} in calm weather",
+                dev.0,
+                dev.1,
+                crate::history::fmt_time(new_at),
+                crate::history::fmt_time(due)
+            ));
+        }
+    }
+    problems
 }
 
 /// The hardened server's refusals: a recipient the server cannot know (no
@@ -726,4 +979,254 @@ pub fn expectations(expect: &crate::scenario::Expect, run: &RunResult) -> Vec<St
         }
     }
     failures
+}
+
+/// The faults in effect over a run, as the driver recorded them
+/// ([`Event::Disturbed`]): what [`Invariant::Promptness`] calls weather.
+/// An instant fault (Redis or a node restarting) is a state that lasts no
+/// time; like every state, it disturbs what it touches until
+/// [`CALM_AFTER`] after it ends.
+struct Weather {
+    /// Each state from its moment on, in time order.
+    states: Vec<WeatherState>,
+}
+
+/// (since, links cut or held, hosts disturbed).
+type WeatherState = (Duration, Vec<(String, String)>, Vec<String>);
+
+/// A device's connections as its client saw them: (opened, closed, node).
+type Connections = BTreeMap<(u64, String), Vec<(Duration, Option<Duration>, u64)>>;
+
+impl Weather {
+    fn of(history: &History) -> Weather {
+        let states = history
+            .records
+            .iter()
+            .filter_map(|r| match &r.event {
+                Event::Disturbed { links, hosts } => Some((r.at, links.clone(), hosts.clone())),
+                _ => None,
+            })
+            .collect();
+        Weather { states }
+    }
+
+    /// The moments the weather changed.
+    fn changes(&self) -> impl Iterator<Item = Duration> + '_ {
+        self.states.iter().map(|(at, ..)| *at)
+    }
+
+    /// Whether `[from, to]` is calm for a path through `path`: no state in
+    /// effect from [`CALM_AFTER`] before `from` until `to` touches the
+    /// path (a link with both ends on it, or a host on it).
+    fn calm(&self, path: &dyn Fn(&str) -> bool, from: Duration, to: Duration) -> bool {
+        let since = from.saturating_sub(CALM_AFTER);
+        self.states
+            .iter()
+            .enumerate()
+            .all(|(i, (at, links, hosts))| {
+                let until = self.states.get(i + 1).map_or(Duration::MAX, |s| s.0);
+                // Not in effect during [since, to]: no matter.
+                if until < since || *at > to {
+                    return true;
+                }
+                !links.iter().any(|(a, b)| path(a) && path(b)) && !hosts.iter().any(|h| path(h))
+            })
+    }
+}
+
+/// Each device's connections as its client saw them: (opened, closed, node).
+fn connections(history: &History) -> Connections {
+    let mut out = Connections::new();
+    let mut open = BTreeMap::<(u64, u64), ((u64, String), usize)>::new();
+    for r in &history.records {
+        match &r.event {
+            Event::Connected {
+                user,
+                device,
+                node,
+                conn,
+            } => {
+                let list = out.entry((*user, device.clone())).or_default();
+                // A new connection of the device ends its view of the last.
+                if let Some(last) = list.last_mut()
+                    && last.1.is_none()
+                {
+                    last.1 = Some(r.at);
+                }
+                list.push((r.at, None, *node));
+                open.insert((*node, *conn), ((*user, device.clone()), list.len() - 1));
+            }
+            Event::Closed { node, conn, .. } => {
+                if let Some((dev, i)) = open.remove(&(*node, *conn))
+                    && let Some(c) = out.get_mut(&dev).and_then(|l| l.get_mut(i))
+                {
+                    c.1.get_or_insert(r.at);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The node of the connection `dev` had open from before `from` until
+/// after `to`, if it had one.
+fn connected_throughout(
+    conns: &Connections,
+    dev: &(u64, String),
+    from: Duration,
+    to: Duration,
+) -> Option<u64> {
+    conns.get(dev)?.iter().find_map(|&(opened, closed, node)| {
+        (opened <= from && closed.is_none_or(|c| c > to)).then_some(node)
+    })
+}
+
+/// Where a wait began that outlasted [`PROMPT`]: walking from `start`
+/// through the moments of `progress` (other answers, other deliveries),
+/// the first gap longer than [`PROMPT`] before `done` (the awaited event,
+/// if it came). None: it came in time, or progress never stalled.
+fn stall(start: Duration, done: Option<Duration>, progress: &[Duration]) -> Option<Duration> {
+    let mut last = start;
+    for &t in progress.iter().filter(|&&t| t > start) {
+        if done.is_some_and(|d| t >= d) {
+            break;
+        }
+        if t - last > PROMPT {
+            return Some(last);
+        }
+        last = t;
+    }
+    match done {
+        Some(d) if d - last <= PROMPT => None,
+        _ => Some(last),
+    }
+}
+
+/// Whether `host` is on the path of device (`user`, `device`): its own
+/// host, or one of its other addresses.
+fn device_on_path(host: &str, user: u64, device: &str) -> bool {
+    let own = crate::scenario::device_host(user, device);
+    host == own
+        || host
+            .strip_prefix(own.as_str())
+            .is_some_and(|rest| rest.starts_with('@'))
+}
+
+/// [`Invariant::Promptness`]: judged only for the story's messages, until
+/// the story's end (then the driver heals every fault at once).
+fn promptness(run: &RunResult) -> Verdict {
+    let mut problems = Vec::new();
+    if !run.inbox {
+        return Verdict {
+            invariant: Invariant::Promptness,
+            problems,
+            notes: vec!["the seed's phases promise no delivery time".to_owned()],
+        };
+    }
+    let history = &run.history;
+    let weather = Weather::of(history);
+    let conns = connections(history);
+    let end = history
+        .records
+        .iter()
+        .find(|r| matches!(&r.event, Event::Phase { name } if name == "heal"))
+        .map_or(run.elapsed, |r| r.at);
+    // Per sending user: every answer, and every "retry later".
+    let mut answers = BTreeMap::<u64, Vec<Duration>>::new();
+    let mut retries = BTreeMap::<u64, Vec<Duration>>::new();
+    // Per receiving device: every delivery.
+    let mut arrivals = BTreeMap::<(u64, String), Vec<Duration>>::new();
+    for r in &history.records {
+        match &r.event {
+            Event::SendResult { key, .. } => answers.entry(key.from).or_default().push(r.at),
+            Event::SendRetry { key, .. } => retries.entry(key.from).or_default().push(r.at),
+            Event::Delivered { to, device, .. } => arrivals
+                .entry((*to, device.clone()))
+                .or_default()
+                .push(r.at),
+            _ => {}
+        }
+    }
+    let none = Vec::new();
+    for ((k, _), f) in fates(history) {
+        let (Some(sent), false, None) = (f.sent_at, f.probe, &f.send_failed) else {
+            continue;
+        };
+        let from = (k.from, f.device.clone());
+        let Some(from_node) = connected_throughout(&conns, &from, sent, sent) else {
+            continue;
+        };
+        // A client told "retry later" holds its sends to that recipient
+        // until then (at most `retry_after_inbox_full`, 5 s).
+        let hardened = im_server::config::Hardened::default();
+        let retry_wait = hardened
+            .retry_after_inbox_full
+            .max(hardened.retry_after_unavailable);
+        let waited_for_retry = |a: Duration, b: Duration| {
+            retries
+                .get(&k.from)
+                .is_some_and(|t| t.iter().any(|&t| t + retry_wait >= a && t <= b))
+        };
+        // The answer.
+        let sender_path = |h: &str| {
+            h == "redis" || h == format!("node{from_node}") || device_on_path(h, from.0, &from.1)
+        };
+        if let Some(s) = stall(sent, f.answered_at, answers.get(&k.from).unwrap_or(&none)) {
+            let due = s + PROMPT;
+            if due <= end
+                && connected_throughout(&conns, &from, sent, due) == Some(from_node)
+                && weather.calm(&sender_path, sent, due)
+                && !waited_for_retry(sent, due)
+            {
+                problems.push(format!(
+                    "{k} from {} ({}) sent at {}: no answer by {} in calm weather",
+                    from.0,
+                    from.1,
+                    crate::history::fmt_time(sent),
+                    crate::history::fmt_time(due)
+                ));
+            }
+        }
+        // The deliveries.
+        let (Some(true), Some(accepted)) = (f.accepted, f.answered_at) else {
+            continue;
+        };
+        let devices: Vec<&(u64, String)> = conns.keys().filter(|(u, _)| *u == f.to).collect();
+        for dev in devices {
+            let Some(node) = connected_throughout(&conns, dev, accepted, accepted) else {
+                continue;
+            };
+            let path = |h: &str| {
+                sender_path(h) || h == format!("node{node}") || device_on_path(h, dev.0, &dev.1)
+            };
+            // (It may arrive before its sender hears "sent".)
+            let arrived = f
+                .deliveries
+                .iter()
+                .find(|(t, d)| *t >= sent && d == &dev.1)
+                .map(|(t, _)| (*t).max(accepted));
+            let Some(s) = stall(accepted, arrived, arrivals.get(dev).unwrap_or(&none)) else {
+                continue;
+            };
+            let due = s + PROMPT;
+            if due <= end
+                && connected_throughout(&conns, dev, accepted, due) == Some(node)
+                && weather.calm(&path, accepted, due)
+            {
+                problems.push(format!(
+                    "{k} to {} ({}), told sent at {}: not there by {} in calm weather",
+                    dev.0,
+                    dev.1,
+                    crate::history::fmt_time(accepted),
+                    crate::history::fmt_time(due)
+                ));
+            }
+        }
+    }
+    Verdict {
+        invariant: Invariant::Promptness,
+        problems,
+        notes: Vec::new(),
+    }
 }

@@ -173,7 +173,13 @@ fn key_of(e: &Event) -> Option<crate::history::MsgKey> {
 fn timeline_lines(out: &mut String, records: &[crate::history::Record]) {
     let shown: Vec<&crate::history::Record> = records
         .iter()
-        .filter(|r| !matches!(r.event, Event::Sent { probe: true, .. }))
+        // The faults in effect are told by the faults themselves.
+        .filter(|r| {
+            !matches!(
+                r.event,
+                Event::Sent { probe: true, .. } | Event::Disturbed { .. }
+            )
+        })
         .collect();
     // The event's text with its message key taken out.
     let shape = |r: &crate::history::Record| -> Option<(crate::history::MsgKey, String)> {
@@ -691,8 +697,9 @@ pub fn timeline(o: &Outcome) -> String {
             Event::PresenceWrite { command } => {
                 let _ = writeln!(out, "    Note over R: {t} {}", clean(command));
             }
-            // The sends and answers around it already tell the story.
-            Event::Stored { .. } => {}
+            // The sends and answers around it already tell the story, and
+            // the faults what is disturbed.
+            Event::Stored { .. } | Event::Disturbed { .. } => {}
             Event::Fault { what } => {
                 let _ = writeln!(out, "    Note over {span}: {t} fault {}", clean(what));
             }

@@ -72,6 +72,9 @@ pub struct RunResult {
     pub odd_tokens: BTreeSet<Dev>,
 }
 
+/// The faults in effect: links cut or held, hosts disturbed.
+type Weather = (Vec<(String, String)>, Vec<String>);
+
 /// A turmoil listener behind the server's transport seam; each accepted
 /// stream is tapped (see [`crate::wire`]).
 struct TurmoilListener {
@@ -935,6 +938,10 @@ pub fn run(
         crashed: BTreeSet::new(),
         drained: BTreeSet::new(),
         redis_down: false,
+        redis_slow: false,
+        paused: BTreeSet::new(),
+        weather: None,
+        blips: BTreeSet::new(),
         middleboxes: BTreeMap::new(),
         drains,
         net: wire.net.clone(),
@@ -944,6 +951,7 @@ pub fn run(
     for step in &scenario.steps {
         driver.advance_to(step.at)?;
         driver.apply(&step.action);
+        driver.note_weather();
     }
     driver.advance_to(scenario.story_end())?;
     let end_of_story = driver.sim.elapsed() + settle;
@@ -951,6 +959,7 @@ pub fn run(
 
     driver.phase("heal");
     driver.heal_all();
+    driver.note_weather();
     driver.advance_to(end_of_story + settle)?;
 
     let intended_online = intended_online(scenario, profile);
@@ -1163,6 +1172,16 @@ struct Driver<'a> {
     /// Drained nodes (down until restarted).
     drained: BTreeSet<u64>,
     redis_down: bool,
+    /// Whether Redis's replies are delayed (a slow Redis).
+    redis_slow: bool,
+    /// Devices told to stop reading their socket.
+    paused: BTreeSet<Dev>,
+    /// The faults in effect as last recorded ([`Event::Disturbed`]).
+    weather: Option<Weather>,
+    /// Hosts an instant fault touched since the weather was last recorded
+    /// (Redis or a node restarting): recorded as a state that lasts no
+    /// time.
+    blips: BTreeSet<String>,
     /// device -> idle time after which the middlebox drops its connection.
     middleboxes: BTreeMap<Dev, Duration>,
     /// Per node: whether its current incarnation is asked to drain (the
@@ -1182,6 +1201,7 @@ impl Driver<'_> {
     /// the order of the server's own maps.
     fn restart_node(&mut self, node: u64) {
         self.fault(format!("restart node{node}"));
+        self.blips.insert(format!("node{node}"));
         if let Some(drain) = self.drains.get(&node) {
             drain.send_replace(false);
         }
@@ -1210,6 +1230,39 @@ impl Driver<'_> {
 
     fn fault(&self, what: String) {
         self.record(Event::Fault { what });
+    }
+
+    /// Records the faults in effect when they changed: links cut or held,
+    /// and hosts down, drained, slow (Redis) or not reading (a device), so
+    /// that a checker can tell a calm stretch from a disturbed one.
+    fn note_weather(&mut self) {
+        let links: Vec<(String, String)> = self.partitions.union(&self.holds).cloned().collect();
+        let mut hosts: BTreeSet<String> = self
+            .crashed
+            .union(&self.drained)
+            .map(|n| format!("node{n}"))
+            .collect();
+        if self.redis_down || self.redis_slow {
+            hosts.insert("redis".into());
+        }
+        hosts.extend(self.paused.iter().map(|(u, d)| device_host(*u, d)));
+        let blips = std::mem::take(&mut self.blips);
+        if !blips.is_subset(&hosts) {
+            let with: BTreeSet<String> = hosts.union(&blips).cloned().collect();
+            self.record(Event::Disturbed {
+                links: links.clone(),
+                hosts: with.into_iter().collect(),
+            });
+            self.weather = None;
+        }
+        let now = (links, hosts.into_iter().collect::<Vec<_>>());
+        if self.weather.as_ref() != Some(&now) {
+            self.record(Event::Disturbed {
+                links: now.0.clone(),
+                hosts: now.1.clone(),
+            });
+            self.weather = Some(now);
+        }
     }
 
     fn advance_to(&mut self, t: Duration) -> Result<(), SimError> {
@@ -1246,6 +1299,7 @@ impl Driver<'_> {
                 "middlebox drops idle connection {host} <-> node{node}"
             ));
             self.partition(host, format!("node{node}"));
+            self.note_weather();
         }
     }
 
@@ -1452,6 +1506,7 @@ impl Driver<'_> {
                 if !self.redis_down {
                     self.crash_host("redis");
                 }
+                self.blips.insert("redis".into());
                 self.redis.lose_script_cache();
                 if !keep_data {
                     self.redis.flush_data();
@@ -1466,6 +1521,7 @@ impl Driver<'_> {
                     humantime::format_duration(*delay)
                 ));
                 self.redis.set_delay(*delay);
+                self.redis_slow = !delay.is_zero();
             }
             Action::Middlebox { user, device, idle } => {
                 let host = device_host(*user, device);
@@ -1477,12 +1533,14 @@ impl Driver<'_> {
             }
             Action::StopReading { user, device } => {
                 self.fault(format!("{} stops reading", device_host(*user, device)));
+                self.paused.insert((*user, device.clone()));
                 self.agents[&(*user, device.clone())]
                     .mailbox
                     .post(Cmd::PauseReading(true));
             }
             Action::ResumeReading { user, device } => {
                 self.fault(format!("{} resumes reading", device_host(*user, device)));
+                self.paused.remove(&(*user, device.clone()));
                 self.agents[&(*user, device.clone())]
                     .mailbox
                     .post(Cmd::PauseReading(false));
@@ -1507,12 +1565,15 @@ impl Driver<'_> {
         }
         if self.redis_down {
             self.fault("redis restarts with its data".into());
+            self.blips.insert("redis".into());
             self.sim.bounce("redis");
             self.redis_down = false;
         }
         self.sync_net();
         self.middleboxes.clear();
         self.redis.set_delay(Duration::ZERO);
+        self.redis_slow = false;
+        self.paused.clear();
         for agent in self.agents.values() {
             agent.mailbox.post(Cmd::PauseReading(false));
         }

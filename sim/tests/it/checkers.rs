@@ -388,3 +388,272 @@ fn a_login_with_a_token_not_in_canonical_form_breaks_the_refusals_promise() {
     assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
     assert!(v.problems[0].contains("tablet"), "{:?}", v.problems);
 }
+
+// ---- promptness: in calm weather nothing waits ----
+
+/// `user`'s `device` connected on node 1 as connection `conn` at `at`.
+fn connected_as(h: &mut History, at: u64, user: u64, device: &str, conn: u64) {
+    h.push(
+        ms(at),
+        Event::Connected {
+            user,
+            device: device.into(),
+            node: 1,
+            conn,
+        },
+    );
+}
+
+/// 1001 and 1002 connected (conns 1 and 2) at 0; a run of 20 s.
+fn two_users() -> History {
+    let mut h = History::default();
+    connected_as(&mut h, 0, 1001, "phone", 1);
+    connected_as(&mut h, 0, 1002, "phone", 2);
+    h
+}
+
+fn judged(h: History) -> RunResult {
+    let mut r = run(h, &[(1001, "phone"), (1002, "phone")]);
+    r.elapsed = ms(20_000);
+    r
+}
+
+fn sent_only(h: &mut History, at: u64, from: u64, id: u64, to: u64) {
+    h.push(
+        ms(at),
+        Event::Sent {
+            key: key(from, id),
+            device: "phone".into(),
+            to,
+            text: format!("m{id}"),
+            probe: false,
+        },
+    );
+}
+
+#[test]
+fn a_calm_send_left_unanswered_past_the_bound_breaks_promptness() {
+    let mut h = two_users();
+    sent_only(&mut h, 1_000, 1001, 1, 1002);
+    let v = verdict(&judged(h), Invariant::Promptness);
+    assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
+    assert!(v.problems[0].contains("no answer"), "{:?}", v.problems);
+}
+
+#[test]
+fn a_calm_message_that_waits_for_the_next_poll_breaks_promptness_and_a_quick_one_does_not() {
+    let mut h = two_users();
+    sent(&mut h, 1_000, 1001, "phone", 1, 1002, "m1");
+    delivered(&mut h, 1_010, 1002, "phone", 1001, 1, "m1");
+    sent(&mut h, 2_000, 1001, "phone", 2, 1002, "m2");
+    delivered(&mut h, 11_000, 1002, "phone", 1001, 2, "m2");
+    let v = verdict(&judged(h), Invariant::Promptness);
+    assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
+    assert!(
+        v.problems[0].starts_with("1001#2 to 1002"),
+        "{:?}",
+        v.problems
+    );
+}
+
+#[test]
+fn deliveries_that_keep_arriving_behind_a_backlog_are_prompt() {
+    let mut h = two_users();
+    for id in 1..=10 {
+        sent(&mut h, 1_000, 1001, "phone", id, 1002, &format!("m{id}"));
+    }
+    // Each within the bound of the one before, the last 9 s after its send.
+    for id in 1..=10 {
+        delivered(
+            &mut h,
+            1_000 + id * 900,
+            1002,
+            "phone",
+            1001,
+            id,
+            &format!("m{id}"),
+        );
+    }
+    assert!(verdict(&judged(h), Invariant::Promptness).holds());
+}
+
+#[test]
+fn a_fault_on_the_path_exempts_a_wait_and_one_elsewhere_does_not() {
+    let slow = |disturbed: (&str, &str)| {
+        let mut h = two_users();
+        h.push(
+            ms(500),
+            Event::Disturbed {
+                links: vec![(disturbed.0.into(), disturbed.1.into())],
+                hosts: Vec::new(),
+            },
+        );
+        sent(&mut h, 2_000, 1001, "phone", 1, 1002, "m1");
+        delivered(&mut h, 11_000, 1002, "phone", 1001, 1, "m1");
+        verdict(&judged(h), Invariant::Promptness)
+    };
+    // node1 cut from Redis: both users' path.
+    assert!(slow(("node1", "redis")).holds());
+    // Another user's vanished path: not theirs.
+    assert!(!slow(("user1003", "node1")).holds());
+}
+
+#[test]
+fn a_fault_just_before_a_send_exempts_its_wait() {
+    let mut h = two_users();
+    // Redis restarts: a state that lasts no time, then calm.
+    for hosts in [vec!["redis".to_owned()], Vec::new()] {
+        h.push(
+            ms(1_500),
+            Event::Disturbed {
+                links: Vec::new(),
+                hosts,
+            },
+        );
+    }
+    sent(&mut h, 2_000, 1001, "phone", 1, 1002, "m1");
+    delivered(&mut h, 11_000, 1002, "phone", 1001, 1, "m1");
+    assert!(verdict(&judged(h), Invariant::Promptness).holds());
+}
+
+#[test]
+fn a_sender_told_to_retry_later_is_not_held_to_promptness() {
+    let mut h = two_users();
+    sent_only(&mut h, 1_000, 1001, 1, 1002);
+    h.push(
+        ms(1_005),
+        Event::SendRetry {
+            key: key(1001, 1),
+            reason: "inbox full".into(),
+        },
+    );
+    sent_only(&mut h, 3_000, 1001, 2, 1002);
+    assert!(verdict(&judged(h), Invariant::Promptness).holds());
+}
+
+#[test]
+fn a_device_that_was_not_connected_all_along_is_not_owed_a_prompt_delivery() {
+    let mut h = two_users();
+    sent(&mut h, 1_000, 1001, "phone", 1, 1002, "m1");
+    h.push(
+        ms(1_500),
+        Event::Closed {
+            user: 1002,
+            device: "phone".into(),
+            node: 1,
+            conn: 2,
+            cause: "network".into(),
+            code: None,
+        },
+    );
+    assert!(verdict(&judged(h), Invariant::Promptness).holds());
+}
+
+#[test]
+fn the_seed_phases_promise_no_delivery_time() {
+    let mut h = two_users();
+    sent_only(&mut h, 1_000, 1001, 1, 1002);
+    let mut r = judged(h);
+    r.inbox = false;
+    assert!(verdict(&r, Invariant::Promptness).holds());
+}
+
+// ---- presence: leases stay released, replaced connections go ----
+
+#[test]
+fn a_lease_written_again_after_its_release_breaks_presence() {
+    let lease = "node1/1700000000000/1/phone";
+    let mut h = two_users();
+    for (at, command) in [
+        (
+            10,
+            format!("ZADD im:{{u:1001}}:conns 1700000030010 {lease}"),
+        ),
+        (5_000, format!("ZREM im:{{u:1001}}:conns {lease}")),
+    ] {
+        h.push(ms(at), Event::PresenceWrite { command });
+    }
+    let released = judged(h.clone());
+    h.push(
+        ms(5_100),
+        Event::PresenceWrite {
+            command: format!("ZADD im:{{u:1001}}:conns 1700000035100 {lease}"),
+        },
+    );
+    let v = verdict(&released, Invariant::Presence);
+    assert!(v.holds(), "{:?}", v.problems);
+    let v = verdict(&judged(h), Invariant::Presence);
+    assert!(
+        v.problems.iter().any(|p| p.contains("written again")),
+        "{:?}",
+        v.problems
+    );
+}
+
+fn wire(
+    at: u64,
+    node: u64,
+    stream: u64,
+    peer: &str,
+    frame: im_sim::wire::Frame,
+) -> im_sim::wire::WireRecord {
+    im_sim::wire::WireRecord {
+        at: ms(at),
+        node,
+        stream,
+        peer: peer.into(),
+        frame,
+        peer_cut: false,
+        redis_cut: false,
+    }
+}
+
+/// 1001's phone logs in on node1 (stream 1), then again from its cellular
+/// address on node2 (stream 2) at 2 s; node1 closes stream 1 at `closed`.
+fn replaced(closed: Option<u64>) -> RunResult {
+    use im_sim::wire::Frame;
+    let mut r = judged(two_users());
+    r.elapsed = ms(30_000);
+    r.wire = vec![
+        wire(
+            10,
+            1,
+            1,
+            "user1001",
+            Frame::LoginOk {
+                user: 1001,
+                conn: 1,
+            },
+        ),
+        wire(
+            2_000,
+            2,
+            2,
+            "user1001@cell",
+            Frame::LoginOk {
+                user: 1001,
+                conn: 1,
+            },
+        ),
+    ];
+    if let Some(at) = closed {
+        r.wire
+            .push(wire(at, 1, 1, "user1001", Frame::Close { code: 4001 }));
+    }
+    r
+}
+
+#[test]
+fn a_replaced_connection_still_open_a_calm_heartbeat_later_breaks_presence() {
+    let v = verdict(&replaced(None), Invariant::Presence);
+    assert!(
+        v.problems.iter().any(|p| p.contains("still open")),
+        "{:?}",
+        v.problems
+    );
+    // Closed at its heartbeat timeout (25 s after a vanish at 1 s): too late.
+    assert!(!verdict(&replaced(Some(26_000)), Invariant::Presence).holds());
+    // Superseded at once, or at its next lease refresh.
+    assert!(verdict(&replaced(Some(2_005)), Invariant::Presence).holds());
+    assert!(verdict(&replaced(Some(11_000)), Invariant::Presence).holds());
+}
