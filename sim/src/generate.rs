@@ -11,7 +11,14 @@
 //! window directly (a send to a peer that just vanished, a leave while
 //! the node is cut from Redis, a close held while the device comes back
 //! from elsewhere, a send straddling a Redis restart, a flood past the
-//! inbox backlog to a reader that is away). Waits are biased toward the
+//! inbox backlog to a reader that is away, an id reused for another text,
+//! a reader stalled while it sends, a device that comes back and leaves at
+//! once, a send just after Redis restarts, a login and a logout crossing
+//! on a slow Redis, a slow login given up for another node, a login held
+//! in the network, a supersede whose doorbell cannot reach the old node,
+//! a lease refresh stalled past the command timeout as the user leaves).
+//! A quarter of the plans run on a narrow network window (a slow mobile
+//! link). Waits are biased toward the
 //! dangerous windows: right after another event (a few ms), around the
 //! heartbeat interval (10 s), the heartbeat timeout (25 s) and the phase
 //! profiles' read idle timeout (set to 10 s here). [`compile`] turns the ops into a valid
@@ -112,7 +119,10 @@ pub enum Op {
         from: usize,
         to: usize,
         id: u64,
+        /// Which of the texts this careless client sends with `id`.
+        variant: u8,
     },
+
     /// `user` logs in on a second device mid-story.
     SecondDevice {
         user: usize,
@@ -182,6 +192,90 @@ pub enum Op {
         to: usize,
         bytes: usize,
     },
+    /// `user` logs in on its second device on the node it is on.
+    SecondDeviceHere {
+        user: usize,
+    },
+    /// A dangerous window, aimed at: `from` reuses client message id `id`
+    /// for another text `ms` after using it (a restarted counter).
+    ReuseId {
+        from: usize,
+        to: usize,
+        id: u64,
+        ms: u64,
+    },
+    /// A dangerous window, aimed at: `user` stops reading while `from`
+    /// floods it past the network window and its outbound queue, sends
+    /// during the stall (its answer must wait for room, not vanish), reads
+    /// again, and sends more.
+    StallFloodReply {
+        user: usize,
+        from: usize,
+    },
+    /// A dangerous window, aimed at: `user`'s network drops, it comes back
+    /// (to `node`) `gap_ms` later and logs out `stay_ms` after that; the
+    /// half-open old connection must not keep it online.
+    ComeBackAndLeave {
+        user: usize,
+        node: u64,
+        gap_ms: u64,
+        stay_ms: u64,
+    },
+    /// A dangerous window, aimed at: Redis restarts with its data and,
+    /// `ms` later, with no fault left, `from` sends to `to` (a node must
+    /// hear its doorbells again without waiting for its own next command).
+    SendAfterRestart {
+        from: usize,
+        to: usize,
+        ms: u64,
+    },
+    /// A dangerous window, aimed at: with Redis slow, `user` logs in on
+    /// its second device where its phone is, and the phone logs out `ms`
+    /// later (their subscription changes cross); then, calm again, `from`
+    /// sends to `user`.
+    LoginLogoutCross {
+        user: usize,
+        from: usize,
+        ms: u64,
+    },
+    /// A dangerous window, aimed at: with Redis slow, `user`'s second
+    /// device starts a login on node `a` and gives up on it `ms` later for
+    /// the node its phone is on (which hears the user's doorbell): a stale
+    /// supersede from `a` must not close the newer connection.
+    AbandonSlowLogin {
+        user: usize,
+        a: u64,
+        ms: u64,
+    },
+    /// A dangerous window, aimed at: `user`'s second device starts its
+    /// first login, its path starts holding traffic `ms` later with the
+    /// login on its way, the app gives up and connects from its other
+    /// address; `release_ms` later the stale login arrives (it must not
+    /// take over from the newer connection).
+    HeldLogin {
+        user: usize,
+        ms: u64,
+        release_ms: u64,
+    },
+    /// Heals every node's cut from Redis.
+    HealRedisEverywhere,
+    /// A dangerous window, aimed at: `user`'s node is cut from Redis when
+    /// `user` vanishes and comes back on `node`; the supersede's doorbell
+    /// cannot reach the old node, and the cut heals `ms` later (the old
+    /// connection must still go, at its next lease refresh).
+    LostSupersede {
+        user: usize,
+        node: u64,
+        ms: u64,
+    },
+    /// A dangerous window, aimed at: just before `user`'s heartbeat, Redis
+    /// slows past the command timeout while `from` sends to `user`; then
+    /// Redis is fast again and `user` logs out (a late lease refresh must
+    /// not bring its lease back).
+    LeaveAsRefreshStalls {
+        user: usize,
+        from: usize,
+    },
 }
 
 /// The device that writes its login token in a non-canonical form.
@@ -243,6 +337,78 @@ impl Op {
                     count: FLOOD_COUNT,
                 },
             ],
+            Op::ReuseId { from, to, id, ms } => vec![
+                Op::SendWithId {
+                    from,
+                    to,
+                    id,
+                    variant: 0,
+                },
+                Op::Wait { ms },
+                Op::SendWithId {
+                    from,
+                    to,
+                    id,
+                    variant: 1,
+                },
+            ],
+            Op::StallFloodReply { user, from } => vec![
+                Op::StopReading { user },
+                Op::Burst {
+                    from,
+                    to: user,
+                    count: STALL_FLOOD,
+                },
+                Op::Wait { ms: 2_000 },
+                Op::Send {
+                    from: user,
+                    to: from,
+                },
+                Op::Wait { ms: 3_000 },
+                Op::ResumeReading { user },
+                Op::Wait { ms: 1_500 },
+                Op::Burst {
+                    from: user,
+                    to: from,
+                    count: 3,
+                },
+            ],
+            Op::ComeBackAndLeave {
+                user,
+                node,
+                gap_ms,
+                stay_ms,
+            } => vec![
+                Op::Vanish { user },
+                Op::Wait { ms: gap_ms },
+                Op::Reconnect { user, node },
+                Op::Wait { ms: stay_ms },
+                Op::Disconnect { user },
+            ],
+            Op::LostSupersede { user, node, ms } => vec![
+                Op::PartitionRedisUnder { user },
+                Op::Vanish { user },
+                Op::Wait { ms: 100 },
+                Op::Reconnect { user, node },
+                Op::Wait { ms },
+                Op::HealRedisEverywhere,
+            ],
+            Op::SendAfterRestart { from, to, ms } => vec![
+                Op::RedisRestart { keep_data: true },
+                Op::Wait { ms },
+                Op::Send { from, to },
+            ],
+            Op::LoginLogoutCross { user, from, ms } => vec![
+                Op::RedisSlow { ms: 200 },
+                Op::SecondDeviceHere { user },
+                Op::Wait { ms },
+                Op::Disconnect { user },
+                Op::Wait { ms: 2_000 },
+                Op::RedisSlow { ms: 0 },
+                Op::Wait { ms: 1_500 },
+                Op::Send { from, to: user },
+            ],
+
             ref other => vec![other.clone()],
         }
     }
@@ -254,12 +420,22 @@ const LOGIN_SETTLE: Duration = Duration::from_millis(200);
 /// A flood's size: a little more than the inbox backlog (1,000).
 const FLOOD_COUNT: u64 = 1_050;
 
+/// A flood at a stalled reader: past a narrow network window (64
+/// segments) and the server's outbound queue (256 frames).
+const STALL_FLOOD: u64 = 400;
+
+/// The network window of a plan with a narrow one (a slow mobile link).
+const NARROW_WINDOW: usize = 64;
+
 /// A whole generated run before it becomes a scenario.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub seed: u64,
     pub users: usize,
     pub nodes: u64,
+    /// A narrow network window ([`NARROW_WINDOW`] segments, a slow mobile
+    /// link): a stalled reader backs up into the server's queue sooner.
+    pub narrow: bool,
     pub ops: Vec<Op>,
 }
 
@@ -309,8 +485,25 @@ fn op(users: usize, nodes: u64) -> impl Strategy<Value = Op> {
         1 => user.clone().prop_map(|user| Op::Hold { user }),
         1 => user.clone().prop_map(|user| Op::Release { user }),
         1 => node.clone().prop_map(|node| Op::Drain { node }),
-        1 => (user.clone(), user.clone(), 0..4u64)
-            .prop_map(|(from, to, id)| Op::SendWithId { from, to, id }),
+        1 => (user.clone(), user.clone(), 0..4u64, 0..2u8)
+            .prop_map(|(from, to, id, variant)| Op::SendWithId { from, to, id, variant }),
+        1 => (user.clone(), user.clone(), 0..4u64, 0..300u64)
+            .prop_map(|(from, to, id, ms)| Op::ReuseId { from, to, id, ms }),
+        1 => (user.clone(), user.clone()).prop_map(|(user, from)| Op::StallFloodReply { user, from }),
+        2 => (user.clone(), node.clone(), 0..2_000u64, 0..3_000u64).prop_map(
+            |(user, node, gap_ms, stay_ms)| Op::ComeBackAndLeave { user, node, gap_ms, stay_ms }
+        ),
+        1 => (user.clone(), user.clone(), 1_000..4_000u64)
+            .prop_map(|(from, to, ms)| Op::SendAfterRestart { from, to, ms }),
+        1 => (user.clone(), user.clone(), 10..150u64)
+            .prop_map(|(user, from, ms)| Op::LoginLogoutCross { user, from, ms }),
+        1 => (user.clone(), node.clone(), 100..450u64)
+            .prop_map(|(user, a, ms)| Op::AbandonSlowLogin { user, a, ms }),
+        1 => (user.clone(), 0..10u64, 200..1_500u64)
+            .prop_map(|(user, ms, release_ms)| Op::HeldLogin { user, ms, release_ms }),
+        1 => (user.clone(), user.clone()).prop_map(|(user, from)| Op::LeaveAsRefreshStalls { user, from }),
+        1 => (user.clone(), node.clone(), 500..4_000u64)
+            .prop_map(|(user, node, ms)| Op::LostSupersede { user, node, ms }),
         1 => (user.clone(), node.clone()).prop_map(|(user, node)| Op::SecondDevice { user, node }),
         2 => (user.clone(), 0..1_500u64).prop_map(|(user, ms)| Op::HoldThenRelease { user, ms }),
         2 => (user.clone(), user.clone(), 0..20u64, any::<bool>()).prop_map(
@@ -331,14 +524,21 @@ fn op(users: usize, nodes: u64) -> impl Strategy<Value = Op> {
 
 /// Plans of 2-3 users on 1-3 nodes with up to `ops_max` ops.
 pub fn plans(ops_max: usize) -> impl Strategy<Value = Plan> {
-    (0..1_000u64, 2..=3usize, 1..=3u64).prop_flat_map(move |(seed, users, nodes)| {
-        proptest::collection::vec(op(users, nodes), 1..=ops_max).prop_map(move |ops| Plan {
-            seed,
-            users,
-            nodes,
-            ops,
+    (
+        0..1_000u64,
+        2..=3usize,
+        1..=3u64,
+        proptest::bool::weighted(0.25),
+    )
+        .prop_flat_map(move |(seed, users, nodes, narrow)| {
+            proptest::collection::vec(op(users, nodes), 1..=ops_max).prop_map(move |ops| Plan {
+                seed,
+                users,
+                nodes,
+                narrow,
+                ops,
+            })
         })
-    })
 }
 
 /// Turns a plan into a runnable scenario for `profile`; ops that do not
@@ -360,6 +560,8 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
     // The node whose path to each user holds its traffic, if one does.
     let mut held: Vec<Option<u64>> = vec![None; plan.users];
     let mut second = vec![false; plan.users];
+    // When each user's phone last logged in (its heartbeats follow).
+    let mut logged_in = vec![Duration::ZERO; plan.users];
     // Whether a user's held path is its other address's (it reconnected
     // from there); holds name the device's own path.
     let mut elsewhere = vec![false; plan.users];
@@ -429,6 +631,7 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                     continue;
                 }
                 connected[user] = true;
+                logged_in[user] = now;
                 elsewhere[user] = true;
                 addresses
                     .entry((user_id(user), DEFAULT_DEVICE.to_owned()))
@@ -445,6 +648,7 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                 if !connected[user] && !off[user] && !crashed[node as usize] =>
             {
                 connected[user] = true;
+                logged_in[user] = now;
                 home[user] = node;
                 elsewhere[user] = false;
                 Action::Reconnect {
@@ -468,6 +672,30 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                 lease_wait = true;
                 Action::Partition {
                     a: format!("node{node}"),
+                    b: "redis".into(),
+                }
+            }
+            Op::HealRedisEverywhere => {
+                // One step per cut node, all at this moment.
+                let cut: Vec<u64> = (1..=plan.nodes)
+                    .filter(|&n| cut_from_redis[n as usize])
+                    .collect();
+                let Some((&last, rest)) = cut.split_last() else {
+                    continue;
+                };
+                for &n in rest {
+                    cut_from_redis[n as usize] = false;
+                    steps.push(TimedStep {
+                        at: now,
+                        action: Action::Heal {
+                            a: format!("node{n}"),
+                            b: "redis".into(),
+                        },
+                    });
+                }
+                cut_from_redis[last as usize] = false;
+                Action::Heal {
+                    a: format!("node{last}"),
                     b: "redis".into(),
                 }
             }
@@ -533,11 +761,19 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                 crashed[node as usize] = true;
                 Action::Drain { node }
             }
-            Op::SendWithId { from, to, id } if connected[from] && from != to => Action::Send {
+            Op::SendWithId {
+                from,
+                to,
+                id,
+                variant,
+            } if connected[from] && from != to => Action::Send {
                 from: user_id(from),
                 device: DEFAULT_DEVICE.into(),
                 to: user_id(to),
-                text: Some(format!("careless {id}")),
+                text: Some(format!(
+                    "careless {id}{}",
+                    ["", " again"][usize::from(variant) % 2]
+                )),
                 count: 1,
                 id: Some(id),
             },
@@ -571,6 +807,150 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
                 count: 1,
                 id: None,
             },
+            Op::SecondDeviceHere { user } if !second[user] && !crashed[home[user] as usize] => {
+                second[user] = true;
+                devices.push((user_id(user), SECOND_DEVICE.to_owned()));
+                Action::Connect {
+                    user: user_id(user),
+                    device: SECOND_DEVICE.into(),
+                    node: home[user],
+                    via: None,
+                }
+            }
+            Op::AbandonSlowLogin { user, a, ms }
+                if !second[user] && !crashed[a as usize] && !crashed[home[user] as usize] =>
+            {
+                second[user] = true;
+                lease_wait = true;
+                devices.push((user_id(user), SECOND_DEVICE.to_owned()));
+                let slow = |ms: u64| Action::RedisSlow {
+                    delay: Duration::from_millis(ms),
+                };
+                steps.push(TimedStep {
+                    at: now,
+                    action: slow(450),
+                });
+                steps.push(TimedStep {
+                    at: now,
+                    action: Action::Connect {
+                        user: user_id(user),
+                        device: SECOND_DEVICE.into(),
+                        node: a,
+                        via: None,
+                    },
+                });
+                now += Duration::from_millis(ms);
+                steps.push(TimedStep {
+                    at: now,
+                    action: Action::Reconnect {
+                        user: user_id(user),
+                        device: SECOND_DEVICE.into(),
+                        node: Some(home[user]),
+                        via: None,
+                    },
+                });
+                now += Duration::from_millis(4_000);
+                slow(0)
+            }
+            Op::HeldLogin {
+                user,
+                ms,
+                release_ms,
+            } if !second[user] && !crashed[home[user] as usize] => {
+                second[user] = true;
+                let node = home[user];
+                let dev = (user_id(user), SECOND_DEVICE.to_owned());
+                devices.push(dev.clone());
+                addresses
+                    .entry(dev)
+                    .or_default()
+                    .insert(OTHER_ADDRESS.to_owned());
+                let host = crate::scenario::device_host(user_id(user), SECOND_DEVICE);
+                let mut push = |at: Duration, action: Action| steps.push(TimedStep { at, action });
+                push(
+                    now,
+                    Action::Connect {
+                        user: user_id(user),
+                        device: SECOND_DEVICE.into(),
+                        node,
+                        via: None,
+                    },
+                );
+                now += Duration::from_millis(ms);
+                push(
+                    now,
+                    Action::Hold {
+                        a: host.clone(),
+                        b: format!("node{node}"),
+                    },
+                );
+                push(
+                    now,
+                    Action::Disconnect {
+                        user: user_id(user),
+                        device: SECOND_DEVICE.into(),
+                    },
+                );
+                now += Duration::from_millis(5);
+                push(
+                    now,
+                    Action::Reconnect {
+                        user: user_id(user),
+                        device: SECOND_DEVICE.into(),
+                        node: Some(node),
+                        via: Some(OTHER_ADDRESS.into()),
+                    },
+                );
+                now += Duration::from_millis(release_ms);
+                Action::Release {
+                    a: host,
+                    b: format!("node{node}"),
+                }
+            }
+            Op::LeaveAsRefreshStalls { user, from }
+                if connected[user] && connected[from] && user != from =>
+            {
+                // Just before the phone's next heartbeat (every 10 s from
+                // its login), as near as the plan can tell.
+                let beat = Duration::from_secs(10);
+                let since = now.saturating_sub(logged_in[user]);
+                let next =
+                    logged_in[user] + beat * (since.as_millis() / beat.as_millis() + 1) as u32;
+                now = next.saturating_sub(Duration::from_millis(100)).max(now);
+                lease_wait = true;
+                let to = user_id(user);
+                let dev = DEFAULT_DEVICE.to_owned();
+                steps.push(TimedStep {
+                    at: now,
+                    action: Action::RedisSlow {
+                        delay: Duration::from_millis(600),
+                    },
+                });
+                now += Duration::from_millis(50);
+                steps.push(TimedStep {
+                    at: now,
+                    action: Action::Send {
+                        from: user_id(from),
+                        device: dev.clone(),
+                        to,
+                        text: None,
+                        count: 1,
+                        id: None,
+                    },
+                });
+                now += Duration::from_millis(650);
+                steps.push(TimedStep {
+                    at: now,
+                    action: Action::RedisSlow {
+                        delay: Duration::ZERO,
+                    },
+                });
+                connected[user] = false;
+                Action::Disconnect {
+                    user: to,
+                    device: dev,
+                }
+            }
             Op::SecondDevice { user, node } if !second[user] && !crashed[node as usize] => {
                 second[user] = true;
                 devices.push((user_id(user), SECOND_DEVICE.to_owned()));
@@ -600,7 +980,13 @@ pub fn compile(name: &str, profile: Profile, plan: &Plan) -> Scenario {
             settle: Dur(Duration::from_secs(settle)),
             ..Timeouts::default()
         },
-        network: Network::default(),
+        network: if plan.narrow {
+            Network {
+                tcp_capacity: NARROW_WINDOW,
+            }
+        } else {
+            Network::default()
+        },
         guards: Vec::new(),
         expect: Expect {
             violated: Vec::new(),
@@ -902,6 +1288,7 @@ pub fn calm_plans(ops_max: usize, profile: Profile) -> impl Strategy<Value = Pla
             seed,
             users,
             nodes,
+            narrow: false,
             ops,
         })
     })
