@@ -26,7 +26,6 @@ mod cli;
 mod determinism;
 mod generated;
 mod malformed;
-mod mutation_gate;
 mod reports;
 mod scenarios;
 
