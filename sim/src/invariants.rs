@@ -667,6 +667,25 @@ fn presence(run: &RunResult) -> Verdict {
     if run.inbox {
         problems.extend(resurrected_leases(&run.history));
         problems.extend(lingering_superseded(run));
+        // A node listens to a user's doorbell while the user has a
+        // connection there: one that stays subscribed after the user left
+        // grows its subscriptions with every user it ever served. (Not
+        // judged after a node was cut from Redis: the node's old pub/sub
+        // connection may live on, half-open, in Redis with what it was
+        // subscribed to, until Redis's keepalive ends it, as a real Redis
+        // would keep it.)
+        let cut_from_redis = run.history.events().any(|e| {
+            matches!(e, Event::Disturbed { links, .. }
+                if links.iter().any(|(a, b)| a == "redis" || b == "redis"))
+        });
+        if let Some(heard) = run.bells_heard.as_ref().filter(|_| !cut_from_redis) {
+            let live = live_users(&run.history);
+            for u in heard.difference(&live) {
+                problems.push(format!(
+                    "a node still listens to the doorbell of {u}, who has no live connection"
+                ));
+            }
+        }
     }
     Verdict {
         invariant: Invariant::Presence,

@@ -1140,6 +1140,11 @@ impl Store {
         self.channels.get(channel).map_or(0, BTreeSet::len)
     }
 
+    /// Every channel with at least one subscriber, sorted.
+    pub fn subscribed_channels(&self) -> Vec<Bytes> {
+        self.channels.keys().cloned().collect()
+    }
+
     // --- keyspace primitives ------------------------------------------------
 
     fn purge_expired(&mut self, now_ms: i64) {
@@ -2513,6 +2518,11 @@ impl SharedRedis {
             Some(Value::Set(s)) => s.into_iter().collect(),
             _ => Vec::new(),
         }
+    }
+
+    /// Every channel with at least one subscriber, sorted.
+    pub fn subscribed_channels(&self) -> Vec<Bytes> {
+        self.lock().store.subscribed_channels()
     }
 
     /// A copy of every live key.

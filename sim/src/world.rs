@@ -70,6 +70,9 @@ pub struct RunResult {
     /// Devices whose login token is not in canonical form (the hardened
     /// server must refuse them).
     pub odd_tokens: BTreeSet<Dev>,
+    /// Users whose doorbell some node listened to at quiescence
+    /// (hardened; `None` if Redis was down, or for the seed's phases).
+    pub bells_heard: Option<BTreeSet<u64>>,
 }
 
 /// The faults in effect: links cut or held, hosts disturbed.
@@ -979,6 +982,21 @@ pub fn run(
         )
     };
 
+    let bells_heard = (!driver.redis_down && profile.switches().hardened).then(|| {
+        redis
+            .subscribed_channels()
+            .iter()
+            .filter_map(|c| {
+                std::str::from_utf8(c)
+                    .ok()?
+                    .strip_prefix("im:{u:")?
+                    .strip_suffix("}:bell")?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    });
+
     driver.phase("liveness");
     // From one device of each user that should be online, to every other
     // such user (the checker wants it on each of the recipient's devices).
@@ -1017,6 +1035,7 @@ pub fn run(
         inbox: profile.switches().hardened,
         users: scenario.users().into_iter().collect(),
         odd_tokens: scenario.tokens.keys().cloned().collect(),
+        bells_heard,
         history,
         redis_online,
         intended_online,

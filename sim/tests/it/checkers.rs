@@ -94,6 +94,7 @@ fn run(history: History, online: &[(u64, &str)]) -> RunResult {
         inbox: true,
         users: online.iter().map(|(u, _)| *u).collect(),
         odd_tokens: BTreeSet::new(),
+        bells_heard: None,
     }
 }
 
@@ -680,4 +681,33 @@ fn a_replaced_connection_whose_news_was_lost_goes_at_its_next_lease_refresh() {
     assert!(verdict(&replaced(true, Some(11_000)), Invariant::Presence).holds());
     assert!(!verdict(&replaced(true, Some(26_000)), Invariant::Presence).holds());
     assert!(!verdict(&replaced(true, None), Invariant::Presence).holds());
+}
+
+#[test]
+fn a_node_still_listening_to_the_doorbell_of_a_user_who_left_breaks_presence() {
+    let mut r = judged(two_users());
+    r.bells_heard = Some(BTreeSet::from([1001, 1002]));
+    assert!(verdict(&r, Invariant::Presence).holds());
+    r.bells_heard = Some(BTreeSet::from([1001, 1002, 1003]));
+    let v = verdict(&r, Invariant::Presence);
+    assert!(
+        v.problems.iter().any(|p| p.contains("doorbell of 1003")),
+        "{:?}",
+        v.problems
+    );
+    // After a node was cut from Redis, its old pub/sub connection may live
+    // on in Redis, half-open: not judged.
+    let mut h = two_users();
+    for links in [vec![("node1".to_owned(), "redis".to_owned())], Vec::new()] {
+        h.push(
+            ms(1_000),
+            Event::Disturbed {
+                links,
+                hosts: Vec::new(),
+            },
+        );
+    }
+    let mut r = judged(h);
+    r.bells_heard = Some(BTreeSet::from([1001, 1002, 1003]));
+    assert!(verdict(&r, Invariant::Presence).holds());
 }
