@@ -31,8 +31,8 @@ pub enum Invariant {
     Liveness,
     /// The hardened server refuses what it promises to refuse, and stores
     /// none of it: a send to a user who never logged in, a text over the
-    /// text limit, a login token not in canonical form. (The seed's phases
-    /// promise no refusals.)
+    /// text limit, a client message id of 0, a login token not in
+    /// canonical form. (The seed's phases promise no refusals.)
     Refusals,
     /// Hardened: in calm weather, nothing waits. A send from a connected
     /// device is answered within [`PROMPT`], and an accepted message
@@ -868,6 +868,12 @@ fn refusals(run: &RunResult) -> Verdict {
         if !run.users.contains(&f.to) {
             problems.push(format!(
                 "{k} to {}, a user who never logged in, told sent",
+                f.to
+            ));
+        }
+        if k.id == 0 {
+            problems.push(format!(
+                "{k} to {}: client message id 0 (not an id) told sent",
                 f.to
             ));
         }

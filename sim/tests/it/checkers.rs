@@ -711,3 +711,19 @@ fn a_node_still_listening_to_the_doorbell_of_a_user_who_left_breaks_presence() {
     r.bells_heard = Some(BTreeSet::from([1001, 1002, 1003]));
     assert!(verdict(&r, Invariant::Presence).holds());
 }
+
+#[test]
+fn a_send_with_client_message_id_zero_told_sent_breaks_the_refusals_promise() {
+    let mut h = two_users();
+    sent(&mut h, 1_000, 1001, "phone", 0, 1002, "id zero");
+    delivered(&mut h, 1_010, 1002, "phone", 1001, 0, "id zero");
+    let v = verdict(&judged(h), Invariant::Refusals);
+    assert!(
+        v.problems.iter().any(|p| p.contains("id 0")),
+        "{:?}",
+        v.problems
+    );
+    let mut h = two_users();
+    refused(&mut h, 1_000, 1001, 0, 1002, "id zero");
+    assert!(verdict(&judged(h), Invariant::Refusals).holds());
+}
