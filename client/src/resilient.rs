@@ -284,21 +284,7 @@ impl Resilient {
         text: &str,
         client_msg_id: u64,
     ) -> Result<(), crate::ClientError> {
-        let new = claim(&self.waiting, to, text, client_msg_id)?;
-        let sent = self
-            .command(Cmd::Send {
-                to,
-                text: text.to_owned(),
-                id: client_msg_id,
-            })
-            .await;
-        if new && sent.is_err() {
-            self.waiting
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&client_msg_id);
-        }
-        sent
+        self.sender().send(to, text, client_msg_id).await
     }
 
     /// Closes cleanly and stops reconnecting.
