@@ -511,33 +511,14 @@ fn trimmed_before_login(run: &RunResult, f: &MessageFate, device: &str) -> bool 
 
 /// Devices with an open connection at `at`, as their clients saw it.
 fn live_devices_at(history: &History, at: Duration) -> BTreeSet<(u64, String)> {
-    let mut live = BTreeMap::<(u64, String), (u64, u64)>::new();
-    for r in history.records.iter().take_while(|r| r.at <= at) {
-        match &r.event {
-            Event::Connected {
-                user,
-                device,
-                node,
-                conn,
-            } => {
-                live.insert((*user, device.clone()), (*node, *conn));
-            }
-            Event::Closed {
-                user,
-                device,
-                node,
-                conn,
-                ..
-            } => {
-                let dev = (*user, device.clone());
-                if live.get(&dev) == Some(&(*node, *conn)) {
-                    live.remove(&dev);
-                }
-            }
-            _ => {}
-        }
-    }
-    live.into_keys().collect()
+    connections(history)
+        .into_iter()
+        .filter(|(_, list)| {
+            list.iter()
+                .any(|&(opened, closed, _)| opened <= at && closed.is_none_or(|c| c > at))
+        })
+        .map(|(dev, _)| dev)
+        .collect()
 }
 
 /// Messages a data-losing Redis restart took: accepted, and last stored
